@@ -61,7 +61,7 @@ export type IstioResource =
 
 export type Resource = IstioResource | SecretResource | ConfigMapResource | GatewayApiResource;
 
-export function refOf(r: { kind: string; metadata: ObjectMeta }): ResourceRef {
+export function refOf(r: { kind: string; metadata: { name: string; namespace: string } }): ResourceRef {
   return { kind: r.kind, namespace: r.metadata.namespace, name: r.metadata.name };
 }
 

@@ -1,0 +1,63 @@
+/**
+ * What the data plane reports: access-log entries and counters. The runtime only calls this
+ * interface; admin/ provides the implementation (pino off the request path, prom-client), and
+ * tests can pass their own. Keeping it an interface keeps runtime/ free of admin/ imports.
+ */
+
+/** Documented termination / failure reasons (docs/access-log.md). */
+export type Reason =
+  | 'ok'
+  | 'no_route' // HTTP: no virtual host / route matched (404)
+  | 'misdirected_request' // HTTP: Host belongs to another server on this listener (421)
+  | 'https_redirect'
+  | 'redirect'
+  | 'direct_response'
+  | 'no_filter_chain' // no chain for the SNI / transport
+  | 'no_sni' // TLS without SNI and no catch-all chain
+  | 'no_sni_match' // SNI present but unknown
+  | 'not_tls' // plaintext on a TLS-only listener
+  | 'client_hello_timeout'
+  | 'client_hello_too_large'
+  | 'client_hello_malformed'
+  | 'downstream_closed_early'
+  | 'tls_handshake_failed'
+  | 'tls_handshake_timeout'
+  | 'client_cert_required'
+  | 'client_cert_rejected'
+  | 'no_healthy_upstream' // 503
+  | 'upstream_connect_failed' // 503
+  | 'upstream_connect_timeout' // 503
+  | 'upstream_tls_failed' // 503 / close
+  | 'upstream_reset' // 502/503
+  | 'upstream_timeout' // 504
+  | 'upstream_overflow' // 503: circuit breaker
+  | 'downstream_reset'
+  | 'idle_timeout'
+  | 'bad_request'
+  | 'internal_error';
+
+export interface AccessLogEntry {
+  [key: string]: unknown;
+}
+
+export interface Telemetry {
+  /** One entry per HTTP request or per TCP/passthrough connection. Must not block. */
+  accessLog(entry: AccessLogEntry): void;
+  /** Increment a named counter with bounded labels (no client-controlled values). */
+  count(name: string, labels?: Record<string, string>, by?: number): void;
+  /** Observe a duration in seconds on a named histogram. */
+  observe(name: string, seconds: number, labels?: Record<string, string>): void;
+  /** Gauge add (+1/-1) for active counts. */
+  gauge(name: string, delta: number, labels?: Record<string, string>): void;
+  /** Operational log (warnings, errors); never secrets. */
+  log(level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
+}
+
+/** A Telemetry that drops everything (unit tests of pure parts). */
+export const nullTelemetry: Telemetry = {
+  accessLog() {},
+  count() {},
+  observe() {},
+  gauge() {},
+  log() {},
+};
