@@ -69,8 +69,10 @@ export class ClusterBuilder {
     const dr = this.#lookupDestinationRule(svc.host, d.host, vsNs);
     let subsetPolicy: TrafficPolicy | undefined;
     let subsetLabels: Record<string, string> | undefined;
+    let subsetIndex = -1;
     if (d.subset) {
-      const s = dr?.spec.subsets?.find((x) => x.name === d.subset);
+      subsetIndex = dr?.spec.subsets?.findIndex((x) => x.name === d.subset) ?? -1;
+      const s = subsetIndex >= 0 ? dr!.spec.subsets![subsetIndex] : undefined;
       if (!s) {
         ctx.warn('TG3010', ref.owner, `${ref.path}.subset`, `subset "${d.subset}" of "${svc.host}" is not defined by any DestinationRule: requests to it get 503`,
           dr ? `DestinationRule ${dr.metadata.namespace}/${dr.metadata.name} defines: ${(dr.spec.subsets ?? []).map((x) => x.name).join(', ') || 'no subsets'}` : 'add a DestinationRule with this subset');
@@ -80,7 +82,7 @@ export class ClusterBuilder {
       }
     }
 
-    const layers = policyLayers(dr?.spec.trafficPolicy, subsetPolicy, port);
+    const layers = policyLayers(dr?.spec.trafficPolicy, subsetPolicy, subsetIndex, port);
     const drPath = (field: string) => layers.pathOf(field);
     const cluster: Cluster = {
       name,
@@ -327,13 +329,13 @@ export class ClusterBuilder {
 }
 
 /** Per-setting precedence over the four policy layers for one port. */
-function policyLayers(top: TrafficPolicy | undefined, subset: TrafficPolicy | undefined, port: number) {
+function policyLayers(top: TrafficPolicy | undefined, subset: TrafficPolicy | undefined, subsetIndex: number, port: number) {
   const topPort = top?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;
   const subPort = subset?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;
   type Field = 'loadBalancer' | 'connectionPool' | 'outlierDetection' | 'tls';
   const layers: { policy: Record<string, unknown> | undefined; path: string }[] = [
-    { policy: subPort >= 0 ? subset!.portLevelSettings![subPort] as Record<string, unknown> : undefined, path: `spec.subsets[?].trafficPolicy.portLevelSettings[${subPort}]` },
-    { policy: subset as Record<string, unknown> | undefined, path: 'spec.subsets[?].trafficPolicy' },
+    { policy: subPort >= 0 ? subset!.portLevelSettings![subPort] as Record<string, unknown> : undefined, path: `spec.subsets[${subsetIndex}].trafficPolicy.portLevelSettings[${subPort}]` },
+    { policy: subset as Record<string, unknown> | undefined, path: `spec.subsets[${subsetIndex}].trafficPolicy` },
     { policy: topPort >= 0 ? top!.portLevelSettings![topPort] as Record<string, unknown> : undefined, path: `spec.trafficPolicy.portLevelSettings[${topPort}]` },
     { policy: top as Record<string, unknown> | undefined, path: 'spec.trafficPolicy' },
   ];

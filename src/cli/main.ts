@@ -1,0 +1,75 @@
+/**
+ * The tlsgate command line: run, validate, demo.
+ */
+import { Command, Option, InvalidArgumentError } from 'commander';
+import { runCommand } from './run.js';
+import { validateCommand } from './validate.js';
+import { demoCommand } from './demo.js';
+
+function int(name: string) {
+  return (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`${name} must be an integer 0-65535`);
+    return n;
+  };
+}
+
+function duration(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(v.trim());
+  if (!m) throw new InvalidArgumentError('expected a duration such as 500ms, 5s or 1m');
+  const n = Number(m[1]);
+  return m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000;
+}
+
+function collect(v: string, prev: string[]): string[] {
+  return [...prev, v];
+}
+
+const program = new Command();
+program
+  .name('tlsgate')
+  .description('A TLS gateway and sidecar proxy that implements Istio\'s TLS traffic model and reads Istio YAML.')
+  .version('0.1.0');
+
+program.command('run')
+  .description('load, validate and serve a configuration')
+  .requiredOption('-c, --config <path>', 'file or directory of Istio YAML/JSON (repeatable)', collect, [] as string[])
+  .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)
+  .option('--admin-address <addr>', 'admin server address (privileged: keep it on loopback)', '127.0.0.1')
+  .option('--bind-address <addr>', 'address listeners bind unless a server sets bind', '0.0.0.0')
+  .option('--labels <k=v,...>', 'this proxy\'s workload labels: serve only Gateways whose selector matches')
+  .option('--namespace <ns>', 'the proxy\'s own namespace (credentialName Secrets are looked up here first)', 'istio-system')
+  .option('--access-log <where>', 'stdout, off, or a file path', 'stdout')
+  .addOption(new Option('--log-level <level>', 'operational log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+  .option('--drain-grace <duration>', 'after SIGTERM, keep accepting this long while /ready is 503', duration, 5000)
+  .option('--drain-timeout <duration>', 'then give open connections this long before closing them', duration, 30000)
+  .option('--client-hello-timeout <duration>', 'how long to wait for a ClientHello', duration, 15000)
+  .action(async (o) => {
+    process.exitCode = await runCommand({
+      config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress, bindAddress: o.bindAddress,
+      labels: o.labels, namespace: o.namespace, accessLog: o.accessLog, logLevel: o.logLevel,
+      drainGraceMs: o.drainGrace, drainTimeoutMs: o.drainTimeout, clientHelloTimeoutMs: o.clientHelloTimeout,
+    });
+  });
+
+program.command('validate')
+  .description('check a configuration offline; exit 0 when it has no error')
+  .requiredOption('-c, --config <path>', 'file or directory (repeatable)', collect, [] as string[])
+  .option('--namespace <ns>', 'the proxy\'s namespace for credentialName lookups', 'istio-system')
+  .option('--labels <k=v,...>', 'validate as a proxy with these workload labels')
+  .option('-q, --quiet', 'do not print info notices (skipped documents)')
+  .action(async (o) => {
+    process.exitCode = await validateCommand({ config: o.config, namespace: o.namespace, labels: o.labels, quiet: o.quiet });
+  });
+
+program.command('demo')
+  .description('run the quickstart demo: a gateway on an embedded config with generated certificates and an echo upstream')
+  .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)
+  .action(async (o) => {
+    process.exitCode = await demoCommand({ adminPort: o.adminPort });
+  });
+
+program.parseAsync(process.argv).catch((e: Error) => {
+  process.stderr.write(`tlsgate: ${e.message}\n`);
+  process.exitCode = 2;
+});

@@ -1,0 +1,188 @@
+/**
+ * The data plane: apply(snapshot) binds new listeners, swaps the config of existing ones and
+ * drains removed ones; secrets are loaded and validated before the swap, so a snapshot whose
+ * certificates cannot be used is refused whole and the previous one keeps serving.
+ */
+import * as http from 'node:http';
+import * as http2 from 'node:http2';
+import type * as net from 'node:net';
+import type { SecureContext } from 'node:tls';
+import type { FilterChain, Listener, Snapshot } from '../model/snapshot.js';
+import type { Telemetry } from './telemetry.js';
+import { ListenerRuntime, type ChainRuntime } from './listener/listener-runtime.js';
+import { CertStore } from './pki/cert-store.js';
+import { SecureContextCache } from './pki/context-cache.js';
+import { ClusterManager } from './upstream/cluster-manager.js';
+import { createHttpHandler } from './chain/http.js';
+
+export interface ApplyResult {
+  ok: boolean;
+  errors: string[];
+  warnings: string[];
+}
+
+export interface DataPlaneOptions {
+  telemetry: Telemetry;
+}
+
+type HttpServers = { h1: http.Server; h2?: http2.Http2SecureServer; h2c?: http2.Http2Server };
+
+/** Everything built for one snapshot generation. */
+class Generation implements ChainRuntime {
+  readonly #http = new Map<FilterChain, HttpServers>();
+  readonly #contexts = new Map<FilterChain, SecureContext | { error: string }>();
+
+  constructor(
+    readonly snapshot: Snapshot,
+    readonly clusters: ClusterManager,
+    readonly telemetry: Telemetry,
+    private readonly certs: CertStore,
+    private readonly contextCache: SecureContextCache,
+  ) {}
+
+  serverContext(chain: FilterChain): SecureContext | { error: string } {
+    let c = this.#contexts.get(chain);
+    if (!c) {
+      c = this.contextCache.getServerContext(chain.tls!, (n) => this.certs.get(n));
+      this.#contexts.set(chain, c);
+    }
+    return c;
+  }
+
+  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener): void {
+    if (chain.filter.kind !== 'http') return;
+    let s = this.#http.get(chain);
+    if (!s) {
+      const handler = createHttpHandler(chain.filter, { clusters: this.clusters, telemetry: this.telemetry, listenerPort: listener.port });
+      const h1 = http.createServer({ keepAliveTimeout: 60_000, headersTimeout: 60_000, requestTimeout: 300_000 }, handler as http.RequestListener);
+      h1.on('clientError', (_e, sock) => sock.destroy());
+      s = { h1 };
+      if (chain.tls) {
+        // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
+        const h2 = http2.createSecureServer({ allowHTTP1: true, settings: { maxConcurrentStreams: 100 } }, handler as never);
+        h2.on('sessionError', () => {});
+        h2.on('tlsClientError', () => {});
+        s.h2 = h2;
+      }
+      this.#http.set(chain, s);
+    }
+    if (s.h2 && 'alpnProtocol' in socket) {
+      s.h2.emit('secureConnection', socket);
+    } else {
+      s.h1.emit('connection', socket);
+    }
+  }
+
+  /** Wraps up idle keep-alive connections of this generation's HTTP servers. */
+  closeIdle(): void {
+    for (const s of this.#http.values()) s.h1.closeIdleConnections();
+  }
+}
+
+export class DataPlane {
+  readonly #listeners = new Map<string, ListenerRuntime>();
+  readonly #certs = new CertStore();
+  readonly #contexts = new SecureContextCache();
+  #clusters: ClusterManager | undefined;
+  #current: Generation | undefined;
+  #generation = 0;
+  #ready = false;
+
+  constructor(private readonly opts: DataPlaneOptions) {}
+
+  get ready(): boolean {
+    return this.#ready;
+  }
+
+  get snapshot(): Snapshot | undefined {
+    return this.#current?.snapshot;
+  }
+
+  get certStore(): CertStore {
+    return this.#certs;
+  }
+
+  /** Ports actually bound, by listener name. */
+  boundPorts(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (const [n, l] of this.#listeners) out[n] = l.boundPort();
+    return out;
+  }
+
+  async apply(input: Snapshot): Promise<ApplyResult> {
+    const errors: string[] = [];
+    const warnings: string[] = [];
+    // 1. Secrets first: a snapshot with unusable certificates is refused whole.
+    for (const spec of Object.values(input.secrets)) {
+      const r = await this.#certs.load(spec);
+      if ('error' in r && typeof r.error === 'string') errors.push(r.error);
+      else if ('warnings' in r) warnings.push(...r.warnings);
+    }
+    if (errors.length) return { ok: false, errors, warnings };
+    const snapshot: Snapshot = { ...input, generation: ++this.#generation };
+    const secretLookup = (n: string) => this.#certs.get(n);
+    if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup, telemetry: this.opts.telemetry });
+    else this.#clusters.update(snapshot.clusters);
+    const gen = new Generation(snapshot, this.#clusters, this.opts.telemetry, this.#certs, this.#contexts);
+    // Build every terminating context now so a bad certificate fails the apply, not a handshake.
+    for (const l of snapshot.listeners) {
+      for (const fc of l.filterChains) {
+        if (!fc.tls) continue;
+        const c = gen.serverContext(fc);
+        if ('error' in c && typeof (c as { error?: unknown }).error === 'string') errors.push(`${fc.name}: ${(c as { error: string }).error}`);
+      }
+    }
+    if (errors.length) { this.#generation--; return { ok: false, errors, warnings }; }
+
+    // 2. Bind added listeners before the swap; roll back on failure.
+    const added: ListenerRuntime[] = [];
+    for (const l of snapshot.listeners) {
+      if (this.#listeners.has(l.name)) continue;
+      const lr = new ListenerRuntime({ config: l, runtime: gen });
+      try {
+        await lr.listen();
+        added.push(lr);
+      } catch (e) {
+        errors.push(`cannot bind ${l.address}:${l.port} (${l.name}): ${(e as Error).message}`);
+      }
+    }
+    if (errors.length) {
+      await Promise.all(added.map((a) => a.stopAccepting()));
+      this.#generation--;
+      return { ok: false, errors, warnings };
+    }
+    // 3. Swap.
+    for (const a of added) this.#listeners.set(a.name, a);
+    const keep = new Set(snapshot.listeners.map((l) => l.name));
+    for (const l of snapshot.listeners) this.#listeners.get(l.name)!.update({ config: l, runtime: gen });
+    const previous = this.#current;
+    this.#current = gen;
+    for (const [name, lr] of this.#listeners) {
+      if (keep.has(name)) continue;
+      this.#listeners.delete(name);
+      void lr.stopAccepting();
+    }
+    previous?.closeIdle();
+    this.#ready = true;
+    return { ok: true, errors, warnings };
+  }
+
+  /** Stops accepting on every listener (drain); open connections continue. */
+  async stopAccepting(): Promise<void> {
+    this.#ready = false;
+    await Promise.all([...this.#listeners.values()].map((l) => l.stopAccepting()));
+  }
+
+  activeConnections(): number {
+    let n = 0;
+    for (const l of this.#listeners.values()) n += l.connections;
+    return n;
+  }
+
+  async close(): Promise<void> {
+    await this.stopAccepting();
+    for (const l of this.#listeners.values()) l.closeAll();
+    this.#current?.closeIdle();
+    await this.#clusters?.close();
+  }
+}

@@ -1,0 +1,261 @@
+/**
+ * One bound listener. For each connection: read the first bytes (ClientHello when the listener
+ * inspects TLS), select a filter chain, then terminate TLS, pass it through, or hand plaintext
+ * on. The listener holds the Listener config of the newest snapshot; a connection keeps the
+ * config it was accepted with, so a swap never changes an open connection.
+ */
+import * as net from 'node:net';
+import * as tls from 'node:tls';
+import { randomUUID } from 'node:crypto';
+import type { FilterChain, Listener } from '../../model/snapshot.js';
+import { setConnectionInfo, type ConnectionInfo } from '../connection-info.js';
+import type { Reason, Telemetry } from '../telemetry.js';
+import { readClientHello } from './client-hello.js';
+import { tlsAlert, ALERT_UNRECOGNIZED_NAME, ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR } from './tls-alert.js';
+import { selectFilterChain } from './chain-select.js';
+import { proxyTcp, type TcpConnector } from '../chain/tcp-proxy.js';
+import { checkPeerCertificate, handshakeVerification } from '../pki/verify.js';
+import { serverSocketOptions } from '../pki/context-cache.js';
+import type { SecureContext } from 'node:tls';
+
+/** What a listener needs from the rest of the data plane for one snapshot generation. */
+export interface ChainRuntime {
+  /** The secure context of a terminating chain, or an error (missing/invalid secret). */
+  serverContext(chain: FilterChain): SecureContext | { error: string };
+  /** Hands an HTTP connection (plaintext socket or finished TLSSocket) to the chain's HTTP server. */
+  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener): void;
+  clusters: TcpConnector;
+  telemetry: Telemetry;
+}
+
+export interface ListenerState {
+  config: Listener;
+  runtime: ChainRuntime;
+}
+
+const HANDSHAKE_TIMEOUT_MS = 10_000;
+
+export class ListenerRuntime {
+  #server: net.Server;
+  #state: ListenerState;
+  readonly #sockets = new Set<net.Socket>();
+  #accepting = true;
+
+  constructor(state: ListenerState) {
+    this.#state = state;
+    // allowHalfOpen: a client's FIN must reach the upstream without closing our write side.
+    this.#server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (s) => this.#onConnection(s));
+    this.#server.on('error', (e) => state.runtime.telemetry.log('error', 'listener error', { listener: state.config.name, error: e.message }));
+  }
+
+  get name(): string {
+    return this.#state.config.name;
+  }
+
+  get connections(): number {
+    return this.#sockets.size;
+  }
+
+  listen(): Promise<void> {
+    const { address, port } = this.#state.config;
+    return new Promise((resolve, reject) => {
+      const onErr = (e: Error) => reject(e);
+      this.#server.once('error', onErr);
+      this.#server.listen({ host: address, port, backlog: 1024 }, () => {
+        this.#server.off('error', onErr);
+        resolve();
+      });
+    });
+  }
+
+  /** The port actually bound (differs from config when config asked for 0). */
+  boundPort(): number {
+    const a = this.#server.address();
+    return typeof a === 'object' && a ? a.port : this.#state.config.port;
+  }
+
+  /** Swaps in a newer snapshot's listener; open connections keep what they started with. */
+  update(state: ListenerState): void {
+    this.#state = state;
+  }
+
+  /** Stops accepting; open connections continue until they end or `closeAll` is called. */
+  stopAccepting(): Promise<void> {
+    this.#accepting = false;
+    return new Promise((resolve) => this.#server.close(() => resolve()));
+  }
+
+  closeAll(): void {
+    for (const s of this.#sockets) s.destroy();
+  }
+
+  #onConnection(socket: net.Socket): void {
+    const { config, runtime } = this.#state;
+    const { telemetry } = runtime;
+    socket.on('error', () => {}); // each stage adds its own handling; never crash on a reset
+    if (!this.#accepting) { socket.destroy(); return; }
+    this.#sockets.add(socket);
+    socket.once('close', () => this.#sockets.delete(socket));
+    const info: ConnectionInfo = {
+      id: randomUUID(),
+      startMs: Date.now(),
+      downstreamRemoteAddress: socket.remoteAddress ?? '',
+      downstreamRemotePort: socket.remotePort ?? 0,
+      downstreamLocalAddress: socket.localAddress ?? '',
+      downstreamLocalPort: socket.localPort ?? 0,
+      listener: config.name,
+    };
+    setConnectionInfo(socket, info);
+    telemetry.count('downstream_connections_total', { listener: config.name });
+
+    if (config.inspector === 'none') {
+      const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
+      if (!sel.chain) return this.#refuse(socket, info, config, 'no_filter_chain');
+      socket.resume();
+      this.#dispatch(socket, undefined, sel.chain, info, this.#state);
+      return;
+    }
+    const state = this.#state;
+    socket.resume();
+    void readClientHello(socket, { timeoutMs: config.clientHelloTimeoutMs, maxBytes: config.maxClientHelloBytes }).then((hello) => {
+      if (socket.destroyed) return;
+      switch (hello.kind) {
+        case 'tls': {
+          if (hello.sni !== undefined) info.sni = hello.sni;
+          info.alpnOffered = hello.alpn;
+          if (hello.ech) info.ech = true;
+          telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', { listener: config.name });
+          const sel = selectFilterChain(config, { sni: hello.sni, alpn: hello.alpn, transport: 'tls', localAddress: info.downstreamLocalAddress });
+          if (!sel.chain) {
+            socket.write(tlsAlert(ALERT_UNRECOGNIZED_NAME));
+            return this.#refuse(socket, info, config, sel.reason);
+          }
+          this.#dispatch(socket, hello.bytes, sel.chain, info, state);
+          return;
+        }
+        case 'not-tls': {
+          telemetry.count('tls_inspector_tls_not_found_total', { listener: config.name });
+          const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
+          if (!sel.chain) return this.#refuse(socket, info, config, 'not_tls');
+          this.#dispatch(socket, hello.bytes, sel.chain, info, state);
+          return;
+        }
+        case 'too-large':
+          telemetry.count('tls_inspector_client_hello_too_large_total', { listener: config.name });
+          socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
+          return this.#refuse(socket, info, config, 'client_hello_too_large');
+        case 'malformed':
+          socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
+          return this.#refuse(socket, info, config, 'client_hello_malformed', hello.detail);
+        case 'timeout':
+          return this.#refuse(socket, info, config, 'client_hello_timeout');
+        case 'closed':
+          return this.#refuse(socket, info, config, 'downstream_closed_early');
+      }
+    }, (e: Error) => this.#refuse(socket, info, config, 'internal_error', e.message));
+  }
+
+  #refuse(socket: net.Socket, info: ConnectionInfo, config: Listener, reason: Reason, detail?: string): void {
+    const { telemetry } = this.#state.runtime;
+    socket.end();
+    setTimeout(() => socket.destroy(), 1000).unref();
+    telemetry.count('downstream_connections_refused_total', { listener: config.name, reason });
+    telemetry.accessLog({
+      time: new Date(info.startMs).toISOString(),
+      kind: 'connection',
+      downstream: `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`,
+      listener: config.name,
+      sni: info.sni,
+      ech: info.ech || undefined,
+      alpnOffered: info.alpnOffered?.join(','),
+      durationMs: Date.now() - info.startMs,
+      reason,
+      detail,
+    });
+  }
+
+  #dispatch(socket: net.Socket, replay: Buffer | undefined, chain: FilterChain, info: ConnectionInfo, state: ListenerState): void {
+    info.chain = chain.name;
+    const { runtime, config } = state;
+    if (chain.tls) {
+      this.#terminate(socket, replay, chain, info, state);
+      return;
+    }
+    switch (chain.filter.kind) {
+      case 'tcp':
+        proxyTcp(socket, replay, chain.filter, info, { clusters: runtime.clusters, telemetry: runtime.telemetry });
+        return;
+      case 'http':
+        if (replay && replay.length) socket.unshift(replay);
+        runtime.serveHttp(chain, socket, config);
+        return;
+      case 'reject':
+        if (replay && replay.length && replay[0] === 0x16) socket.write(tlsAlert(ALERT_UNRECOGNIZED_NAME));
+        this.#refuse(socket, info, config, 'no_filter_chain', chain.filter.reason);
+    }
+  }
+
+  #terminate(raw: net.Socket, replay: Buffer | undefined, chain: FilterChain, info: ConnectionInfo, state: ListenerState): void {
+    const { runtime, config } = state;
+    const { telemetry } = runtime;
+    const tlsCtx = chain.tls!;
+    const ctx = runtime.serverContext(chain);
+    if ('error' in ctx && typeof (ctx as { error?: unknown }).error === 'string') {
+      raw.write(tlsAlert(ALERT_INTERNAL_ERROR));
+      telemetry.log('warn', 'no usable certificate for filter chain', { chain: chain.name, error: (ctx as { error: string }).error });
+      return this.#refuse(raw, info, config, 'tls_handshake_failed', (ctx as { error: string }).error);
+    }
+    if (replay && replay.length) raw.unshift(replay);
+    const sock = new tls.TLSSocket(raw, serverSocketOptions(tlsCtx, ctx as SecureContext));
+    setConnectionInfo(sock, info);
+    let secured = false;
+    const timer = setTimeout(() => {
+      if (!secured) { fail('tls_handshake_timeout'); }
+    }, HANDSHAKE_TIMEOUT_MS);
+    timer.unref();
+    const fail = (reason: Reason, detail?: string) => {
+      clearTimeout(timer);
+      telemetry.count('tls_handshakes_total', { listener: config.name, result: 'failure', reason });
+      sock.destroy();
+      this.#refuse(raw, info, config, reason, detail);
+    };
+    sock.on('error', (e: Error & { code?: string }) => {
+      if (!secured) {
+        const msg = e.code ?? e.message;
+        fail(/CERTIFICATE|PEER_DID_NOT_RETURN/i.test(msg) ? 'client_cert_required' : 'tls_handshake_failed', msg);
+      }
+    });
+    sock.once('secure', () => {
+      secured = true;
+      clearTimeout(timer);
+      const peer = sock.getPeerX509Certificate();
+      const v = handshakeVerification(sock);
+      const check = checkPeerCertificate(peer, tlsCtx, v.authorized, v.authorizationError);
+      info.tlsVersion = sock.getProtocol() ?? undefined;
+      info.alpn = sock.alpnProtocol || undefined;
+      info.cipher = sock.getCipher()?.name;
+      if (peer) {
+        info.peerCertificate = peer;
+        info.peerCertificateVerified = v.authorized;
+      }
+      if (!check.ok) {
+        telemetry.count('tls_handshakes_total', { listener: config.name, result: 'failure', reason: 'client_cert_rejected' });
+        sock.destroy();
+        this.#refuse(raw, info, config, 'client_cert_rejected', check.reason);
+        return;
+      }
+      telemetry.count('tls_handshakes_total', { listener: config.name, result: 'success', reason: 'ok' });
+      switch (chain.filter.kind) {
+        case 'http':
+          runtime.serveHttp(chain, sock, config);
+          return;
+        case 'tcp':
+          proxyTcp(sock, undefined, chain.filter, info, { clusters: runtime.clusters, telemetry });
+          return;
+        case 'reject':
+          sock.destroy();
+          this.#refuse(raw, info, config, 'no_filter_chain', chain.filter.reason);
+      }
+    });
+  }
+}
