@@ -42,7 +42,7 @@ export class PromTelemetry implements Telemetry {
     const where = opts.accessLog ?? 'stdout';
     if (where !== 'off') {
       this.#accessDest = pino.destination({ dest: where === 'stdout' ? 1 : where, sync: false, minLength: 0, mkdir: true });
-      this.#access = pino({ base: null, timestamp: false, messageKey: 'message' }, this.#accessDest);
+      this.#access = pino({ base: null, timestamp: false, messageKey: 'message', formatters: { level: () => ({}) } }, this.#accessDest);
     }
     this.#log = pino({ level: opts.logLevel ?? 'info', base: null, messageKey: 'msg' }, pino.destination({ dest: 2, sync: true }));
     client.collectDefaultMetrics({ register: this.registry, prefix: 'tlsgate_process_' });

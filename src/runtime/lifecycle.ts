@@ -25,7 +25,7 @@ export interface DataPlaneOptions {
   telemetry: Telemetry;
 }
 
-type HttpServers = { h1: http.Server; h2?: http2.Http2SecureServer; h2c?: http2.Http2Server };
+type HttpServers = { h1: http.Server; h2?: http2.Http2Server };
 
 /** Everything built for one snapshot generation. */
 class Generation implements ChainRuntime {
@@ -59,15 +59,16 @@ class Generation implements ChainRuntime {
       s = { h1 };
       if (chain.tls) {
         // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
-        const h2 = http2.createSecureServer({ allowHTTP1: true, settings: { maxConcurrentStreams: 100 } }, handler as never);
+        const h2 = http2.createServer({ settings: { maxConcurrentStreams: 100 } }, handler as never);
         h2.on('sessionError', () => {});
-        h2.on('tlsClientError', () => {});
         s.h2 = h2;
       }
       this.#http.set(chain, s);
     }
-    if (s.h2 && 'alpnProtocol' in socket) {
-      s.h2.emit('secureConnection', socket);
+    // ALPN decided the protocol during our handshake: h2 goes to the HTTP/2 server, anything
+    // else (http/1.1 or no ALPN) to the HTTP/1.1 server, exactly as an https.Server would.
+    if (s.h2 && (socket as { alpnProtocol?: string | false }).alpnProtocol === 'h2') {
+      s.h2.emit('connection', socket);
     } else {
       s.h1.emit('connection', socket);
     }
@@ -121,7 +122,7 @@ export class DataPlane {
     if (errors.length) return { ok: false, errors, warnings };
     const snapshot: Snapshot = { ...input, generation: ++this.#generation };
     const secretLookup = (n: string) => this.#certs.get(n);
-    if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup, telemetry: this.opts.telemetry });
+    if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup });
     else this.#clusters.update(snapshot.clusters);
     const gen = new Generation(snapshot, this.#clusters, this.opts.telemetry, this.#certs, this.#contexts);
     // Build every terminating context now so a bad certificate fails the apply, not a handshake.

@@ -153,6 +153,8 @@ export interface HttpRetry {
   perTryTimeout?: string;
   retryOn?: string;
   retryRemoteLocalities?: boolean;
+  retryIgnorePreviousHosts?: boolean;
+  backoff?: string;
 }
 
 export interface HttpDirectResponse {

@@ -82,7 +82,10 @@ export class ListenerRuntime {
   /** Stops accepting; open connections continue until they end or `closeAll` is called. */
   stopAccepting(): Promise<void> {
     this.#accepting = false;
-    return new Promise((resolve) => this.#server.close(() => resolve()));
+    // close() stops accepting now; its callback waits for every connection to end, which is
+    // the drain's business, so do not wait for it here.
+    if (this.#server.listening) this.#server.close();
+    return Promise.resolve();
   }
 
   closeAll(): void {
@@ -228,8 +231,13 @@ export class ListenerRuntime {
     sock.once('secure', () => {
       secured = true;
       clearTimeout(timer);
+      // tls.Server clears this itself; the HTTP/2 server waits for a 'secureConnect' that a
+      // server-side socket never emits while it is still set.
+      (sock as unknown as { secureConnecting: boolean }).secureConnecting = false;
       const peer = sock.getPeerX509Certificate();
       const v = handshakeVerification(sock);
+      sock.authorized = v.authorized;
+      if (v.authorizationError) sock.authorizationError = new Error(v.authorizationError);
       const check = checkPeerCertificate(peer, tlsCtx, v.authorized, v.authorizationError);
       info.tlsVersion = sock.getProtocol() ?? undefined;
       info.alpn = sock.alpnProtocol || undefined;
