@@ -16,6 +16,8 @@ export interface AdminState {
   telemetry: PromTelemetry;
   /** Diagnostics of the last load (shown even when the last edit was refused). */
   diagnostics(): Diagnostic[];
+  /** The last apply attempt (start, file change, SIGHUP), successful or not. */
+  lastApply(): unknown;
   draining(): boolean;
   configSources(): string[];
 }
@@ -93,6 +95,7 @@ export function configDump(state: AdminState): Record<string, unknown> {
   return {
     generation: snap?.generation ?? 0,
     ready: state.dataPlane.ready,
+    lastApply: state.lastApply(),
     sources: state.configSources(),
     boundPorts: state.dataPlane.boundPorts(),
     listeners: snap?.listeners ?? [],

@@ -34,7 +34,6 @@ const HELP: Record<string, string> = {
 export class PromTelemetry implements Telemetry {
   readonly registry = new client.Registry();
   readonly #metrics = new Map<string, { m: Metric; labels: string[] }>();
-  readonly #access: Logger | undefined;
   readonly #accessDest: ReturnType<typeof pino.destination> | undefined;
   readonly #log: Logger;
 
@@ -42,14 +41,22 @@ export class PromTelemetry implements Telemetry {
     const where = opts.accessLog ?? 'stdout';
     if (where !== 'off') {
       this.#accessDest = pino.destination({ dest: where === 'stdout' ? 1 : where, sync: false, minLength: 0, mkdir: true });
-      this.#access = pino({ base: null, timestamp: false, messageKey: 'message', formatters: { level: () => ({}) } }, this.#accessDest);
     }
     this.#log = pino({ level: opts.logLevel ?? 'info', base: null, messageKey: 'msg' }, pino.destination({ dest: 2, sync: true }));
     client.collectDefaultMetrics({ register: this.registry, prefix: 'tlsgate_process_' });
   }
 
   accessLog(entry: AccessLogEntry): void {
-    this.#access?.info(entry);
+    // Serialised here rather than through a pino logger: pino with the level formatter removed
+    // wrote lines starting with `{,`, which no JSON reader accepts.
+    if (this.#accessDest === undefined) return;
+    let line: string;
+    try {
+      line = JSON.stringify(entry);
+    } catch {
+      return; // an entry that cannot be serialised must never break a request
+    }
+    this.#accessDest.write(line + '\n');
   }
 
   #get(kind: 'counter' | 'gauge' | 'histogram', name: string, labels: Record<string, string> | undefined): { m: Metric; values: Record<string, string> } {

@@ -35,7 +35,7 @@ export async function demoCommand(opts: { adminPort: number }): Promise<number> 
   const gw = await startGateway({
     config: [dir], adminPort: opts.adminPort, adminAddress: '127.0.0.1', bindAddress: '127.0.0.1',
     namespace: 'istio-system', accessLog: 'stdout', logLevel: 'info', drainGraceMs: 0, drainTimeoutMs: 2000,
-    clientHelloTimeoutMs: 15000,
+    clientHelloTimeoutMs: 15000, watch: true,
   });
   if (!gw) { echo.close(); return 1; }
   const rel = path.relative(process.cwd(), certs) || '.';

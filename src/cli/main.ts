@@ -44,11 +44,13 @@ program.command('run')
   .option('--drain-grace <duration>', 'after SIGTERM, keep accepting this long while /ready is 503', duration, 5000)
   .option('--drain-timeout <duration>', 'then give open connections this long before closing them', duration, 30000)
   .option('--client-hello-timeout <duration>', 'how long to wait for a ClientHello', duration, 15000)
+  .option('--no-watch', 'do not watch the config paths and certificate files for changes (SIGHUP still reloads)')
   .action(async (o) => {
     process.exitCode = await runCommand({
       config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress, bindAddress: o.bindAddress,
       labels: o.labels, namespace: o.namespace, accessLog: o.accessLog, logLevel: o.logLevel,
       drainGraceMs: o.drainGrace, drainTimeoutMs: o.drainTimeout, clientHelloTimeoutMs: o.clientHelloTimeout,
+      watch: o.watch,
     });
   });
 

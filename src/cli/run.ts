@@ -1,13 +1,25 @@
 /**
- * `tlsgate run`: load, validate, translate, then serve. An invalid config prints its
- * diagnostics and exits non-zero without binding anything. SIGTERM/SIGINT drain: /ready turns
- * 503, listeners stop accepting after --drain-grace, open connections get until --drain-timeout.
+ * `tlsgate run`: load, validate, translate, then serve, and keep serving through changes.
+ *
+ * - Start: an invalid config prints its diagnostics and exits non-zero without binding anything.
+ * - Reload (a watched file changed, a certificate file changed, or SIGHUP): the new snapshot is
+ *   built and applied atomically. A broken edit keeps the last good snapshot serving; its
+ *   diagnostics show on /config_dump. Errors confined to routing resources (a VirtualService,
+ *   DestinationRule, ...) only skip those resources; an error on a Gateway or a file that does
+ *   not parse refuses the whole edit, so no port is left half-configured. Identical snapshots
+ *   are no-ops.
+ * - SIGTERM/SIGINT drain: /ready turns 503, listeners keep accepting for --drain-grace, then stop;
+ *   open connections get until --drain-timeout (HTTP/2 GOAWAY, HTTP/1.1 connection: close).
  */
 import type * as http from 'node:http';
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { formatDiagnostic, hasErrors, type Diagnostic } from '../config/diagnostics.js';
+import type { Snapshot } from '../model/snapshot.js';
 import { DataPlane } from '../runtime/lifecycle.js';
 import { PromTelemetry } from '../admin/telemetry.js';
 import { startAdminServer } from '../admin/server.js';
+import { FileSource } from '../sources/file-source.js';
 import { buildSnapshot, parseLabels } from './pipeline.js';
 
 export interface RunOptions {
@@ -22,13 +34,54 @@ export interface RunOptions {
   drainGraceMs: number;
   drainTimeoutMs: number;
   clientHelloTimeoutMs: number;
+  /** Watch the config paths and certificate files (default true). */
+  watch?: boolean;
+}
+
+export interface ApplyRecord {
+  time: string;
+  trigger: string;
+  ok: boolean;
+  /** Generation serving after this attempt. */
+  generation: number;
+  message: string;
+  diagnostics: Diagnostic[];
 }
 
 export interface RunningGateway {
   dataPlane: DataPlane;
   admin: http.Server;
   telemetry: PromTelemetry;
+  reload(trigger: string): Promise<ApplyRecord>;
   stop(): Promise<void>;
+}
+
+/** What makes two snapshots "the same": everything but generation, plus file-certificate content. */
+function snapshotKey(s: Snapshot): string {
+  const h = createHash('sha256');
+  h.update(JSON.stringify({ l: s.listeners, c: s.clusters, s: s.secrets }));
+  for (const spec of Object.values(s.secrets)) {
+    if (spec.source.kind !== 'file') continue;
+    for (const f of [spec.source.certChainPath, spec.source.privateKeyPath, spec.source.caPath, spec.source.crlPath]) {
+      if (!f) continue;
+      try { h.update(readFileSync(f)); } catch { h.update(`missing:${f}`); }
+    }
+  }
+  return h.digest('hex');
+}
+
+function secretFiles(s: Snapshot): string[] {
+  const out: string[] = [];
+  for (const spec of Object.values(s.secrets)) {
+    if (spec.source.kind !== 'file') continue;
+    for (const f of [spec.source.certChainPath, spec.source.privateKeyPath, spec.source.caPath, spec.source.crlPath]) if (f) out.push(f);
+  }
+  return out;
+}
+
+/** On reload: may this snapshot be applied despite its errors? Only when no Gateway and no file is broken. */
+function blockingErrors(ds: Diagnostic[]): Diagnostic[] {
+  return ds.filter((d) => d.severity === 'error' && (!d.resource || d.resource.kind === 'Gateway' || d.resource.kind === 'Secret'));
 }
 
 export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream = process.stderr): Promise<RunningGateway | undefined> {
@@ -39,27 +92,29 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     clientHelloTimeoutMs: opts.clientHelloTimeoutMs,
     ...(labels ? { labels } : {}),
   };
-  const result = await buildSnapshot(opts.config, translateOptions);
-  let diagnostics: Diagnostic[] = result.diagnostics;
-  for (const d of diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');
-  if (hasErrors(diagnostics)) {
+  const first = await buildSnapshot(opts.config, translateOptions);
+  for (const d of first.diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');
+  if (hasErrors(first.diagnostics)) {
     out.write(`tlsgate: configuration has errors; nothing was started\n`);
     return undefined;
   }
-  if (result.snapshot.listeners.length === 0) {
+  if (first.snapshot.listeners.length === 0) {
     out.write(`tlsgate: warning: no listener to serve (no Gateway server${labels ? ` matches --labels ${opts.labels}` : ''})\n`);
   }
   const telemetry = new PromTelemetry({ accessLog: opts.accessLog, logLevel: opts.logLevel });
   const dataPlane = new DataPlane({ telemetry });
   let draining = false;
+  let lastApply: ApplyRecord | undefined;
+  let servingDiagnostics: Diagnostic[] = first.diagnostics;
   const admin = await startAdminServer({
     dataPlane,
     telemetry,
-    diagnostics: () => diagnostics,
+    diagnostics: () => servingDiagnostics,
+    lastApply: () => lastApply,
     draining: () => draining,
     configSources: () => opts.config,
   }, opts.adminAddress, opts.adminPort);
-  const applied = await dataPlane.apply(result.snapshot);
+  const applied = await dataPlane.apply(first.snapshot);
   for (const w of applied.warnings) out.write(`warning: ${w}\n`);
   if (!applied.ok) {
     for (const e of applied.errors) out.write(`error: ${e}\n`);
@@ -67,27 +122,86 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     await new Promise<void>((r) => admin.close(() => r()));
     return undefined;
   }
-  telemetry.set('config_generation', dataPlane.snapshot?.generation ?? 0);
-  telemetry.set('config_last_apply_success', 1);
-  const ports = dataPlane.boundPorts();
-  telemetry.log('info', 'tlsgate serving', { listeners: ports, admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}` });
+  let currentKey = snapshotKey(first.snapshot);
+  const record = (r: Omit<ApplyRecord, 'time' | 'generation'>): ApplyRecord => {
+    lastApply = { time: new Date().toISOString(), generation: dataPlane.snapshot?.generation ?? 0, ...r };
+    telemetry.set('config_generation', lastApply.generation);
+    telemetry.set('config_last_apply_success', r.ok ? 1 : 0);
+    telemetry.set('config_last_apply_timestamp_seconds', Date.now() / 1000);
+    return lastApply;
+  };
+  record({ trigger: 'start', ok: true, message: 'applied', diagnostics: [] });
+  telemetry.log('info', 'tlsgate serving', { listeners: dataPlane.boundPorts(), admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}`, generation: dataPlane.snapshot?.generation });
+
+  // Reloads run one at a time; a change during a reload triggers one more.
+  let reloading: Promise<ApplyRecord> | undefined;
+  let pending = false;
+  const doReload = async (trigger: string): Promise<ApplyRecord> => {
+    const r = await buildSnapshot(opts.config, translateOptions);
+    const blocking = blockingErrors(r.diagnostics);
+    if (blocking.length) {
+      for (const d of blocking) telemetry.log('warn', 'config rejected: ' + formatDiagnostic(d));
+      return record({ trigger, ok: false, message: `edit rejected (${blocking.length} blocking error(s)); the last good config keeps serving`, diagnostics: r.diagnostics });
+    }
+    const key = snapshotKey(r.snapshot);
+    if (key === currentKey) {
+      servingDiagnostics = r.diagnostics;
+      return record({ trigger, ok: true, message: 'no change', diagnostics: r.diagnostics });
+    }
+    const res = await dataPlane.apply(r.snapshot);
+    if (!res.ok) {
+      for (const e of res.errors) telemetry.log('warn', 'config rejected: ' + e);
+      return record({ trigger, ok: false, message: `edit rejected: ${res.errors.join('; ')}; the last good config keeps serving`, diagnostics: r.diagnostics });
+    }
+    currentKey = key;
+    servingDiagnostics = r.diagnostics;
+    source?.setExtraFiles(secretFiles(r.snapshot));
+    const skipped = r.diagnostics.filter((d) => d.severity === 'error');
+    for (const d of skipped) telemetry.log('warn', 'resource skipped: ' + formatDiagnostic(d));
+    telemetry.log('info', 'config applied', { generation: dataPlane.snapshot?.generation, trigger, skipped: skipped.length });
+    return record({ trigger, ok: true, message: skipped.length ? `applied; ${skipped.length} resource error(s) skipped` : 'applied', diagnostics: r.diagnostics });
+  };
+  const reload = (trigger: string): Promise<ApplyRecord> => {
+    if (reloading) {
+      pending = true;
+      return reloading;
+    }
+    reloading = doReload(trigger).catch((e: Error) => record({ trigger, ok: false, message: `reload failed: ${e.message}`, diagnostics: [] }))
+      .finally(() => {
+        reloading = undefined;
+        if (pending) { pending = false; void reload('change'); }
+      });
+    return reloading;
+  };
+
+  let source: FileSource | undefined;
+  if (opts.watch !== false) {
+    source = new FileSource(opts.config, () => void reload('change'), { pollMs: 500 });
+    source.setExtraFiles(secretFiles(first.snapshot));
+    await source.start();
+  }
 
   let stopping: Promise<void> | undefined;
   const stop = () => {
     stopping ??= (async () => {
       draining = true;
+      source?.close();
       if (opts.drainGraceMs > 0) await sleep(opts.drainGraceMs);
       await dataPlane.stopAccepting();
       const deadline = Date.now() + opts.drainTimeoutMs;
-      while (dataPlane.activeConnections() > 0 && Date.now() < deadline) await sleep(50);
+      while (dataPlane.activeConnections() > 0 && Date.now() < deadline) {
+        dataPlane.closeIdle();
+        await sleep(50);
+      }
       await dataPlane.close();
       telemetry.flush();
-      await new Promise<void>((r) => admin.close(() => r()));
+      const closed = new Promise<void>((r) => admin.close(() => r()));
+      admin.closeAllConnections();
+      await closed;
     })();
     return stopping;
   };
-  diagnostics = result.diagnostics;
-  return { dataPlane, admin, telemetry, stop };
+  return { dataPlane, admin, telemetry, reload, stop };
 }
 
 function sleep(ms: number): Promise<void> {
@@ -97,6 +211,10 @@ function sleep(ms: number): Promise<void> {
 export async function runCommand(opts: RunOptions): Promise<number> {
   const gw = await startGateway(opts);
   if (!gw) return 1;
+  process.on('SIGHUP', () => {
+    gw.telemetry.log('info', 'SIGHUP: reloading');
+    void gw.reload('SIGHUP');
+  });
   return new Promise((resolve) => {
     let signals = 0;
     const onSignal = (sig: string) => {

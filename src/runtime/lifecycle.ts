@@ -31,6 +31,9 @@ type HttpServers = { h1: http.Server; h2?: http2.Http2Server };
 class Generation implements ChainRuntime {
   readonly #http = new Map<FilterChain, HttpServers>();
   readonly #contexts = new Map<FilterChain, SecureContext | { error: string }>();
+  readonly #sessions = new Set<http2.ServerHttp2Session>();
+  /** Set when a newer generation took over or the process drains: finish, then close. */
+  #retired = false;
 
   constructor(
     readonly snapshot: Snapshot,
@@ -54,13 +57,24 @@ class Generation implements ChainRuntime {
     let s = this.#http.get(chain);
     if (!s) {
       const handler = createHttpHandler(chain.filter, { clusters: this.clusters, telemetry: this.telemetry, listenerPort: listener.port });
-      const h1 = http.createServer({ keepAliveTimeout: 60_000, headersTimeout: 60_000, requestTimeout: 300_000 }, handler as http.RequestListener);
+      // HTTP/1.1 on a retired generation: answer, then close (`connection: close`), so the
+      // client's next request opens a connection that uses the newest config.
+      const h1Handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
+        if (this.#retired) res.shouldKeepAlive = false;
+        (handler as http.RequestListener)(req, res);
+      };
+      const h1 = http.createServer({ keepAliveTimeout: 60_000, headersTimeout: 60_000, requestTimeout: 300_000 }, h1Handler);
       h1.on('clientError', (_e, sock) => sock.destroy());
       s = { h1 };
       if (chain.tls) {
         // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
         const h2 = http2.createServer({ settings: { maxConcurrentStreams: 100 } }, handler as never);
         h2.on('sessionError', () => {});
+        h2.on('session', (session: http2.ServerHttp2Session) => {
+          if (this.#retired) { session.close(); return; }
+          this.#sessions.add(session);
+          session.once('close', () => this.#sessions.delete(session));
+        });
         s.h2 = h2;
       }
       this.#http.set(chain, s);
@@ -77,6 +91,16 @@ class Generation implements ChainRuntime {
   /** Wraps up idle keep-alive connections of this generation's HTTP servers. */
   closeIdle(): void {
     for (const s of this.#http.values()) s.h1.closeIdleConnections();
+  }
+
+  /**
+   * A newer generation took over (or the process drains): idle HTTP/1.1 connections close now,
+   * busy ones after their current response; HTTP/2 sessions get GOAWAY and finish their streams.
+   */
+  retire(): void {
+    this.#retired = true;
+    this.closeIdle();
+    for (const s of this.#sessions) s.close();
   }
 }
 
@@ -163,7 +187,7 @@ export class DataPlane {
       this.#listeners.delete(name);
       void lr.stopAccepting();
     }
-    previous?.closeIdle();
+    previous?.retire();
     this.#ready = true;
     return { ok: true, errors, warnings };
   }
@@ -172,6 +196,12 @@ export class DataPlane {
   async stopAccepting(): Promise<void> {
     this.#ready = false;
     await Promise.all([...this.#listeners.values()].map((l) => l.stopAccepting()));
+    this.#current?.retire();
+  }
+
+  /** During a drain: close HTTP/1.1 connections as they go idle. */
+  closeIdle(): void {
+    this.#current?.closeIdle();
   }
 
   activeConnections(): number {
@@ -183,7 +213,7 @@ export class DataPlane {
   async close(): Promise<void> {
     await this.stopAccepting();
     for (const l of this.#listeners.values()) l.closeAll();
-    this.#current?.closeIdle();
+    this.#current?.retire();
     await this.#clusters?.close();
   }
 }

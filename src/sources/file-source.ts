@@ -1,0 +1,144 @@
+/**
+ * Watches config paths (files and directories) and calls back when their content changes.
+ *
+ * fs.watch is fast but unreliable across editors' rename-and-replace writes and the Kubernetes
+ * `..data` symlink swap, so it only triggers a check; the check compares a hash of every file's
+ * content (symlinks followed), and a periodic poll runs the same check as a backstop. Identical
+ * content never fires the callback.
+ */
+import { createHash } from 'node:crypto';
+import { promises as fsp, watch, type FSWatcher } from 'node:fs';
+import * as path from 'node:path';
+
+export interface FileSourceOptions {
+  /** Backstop poll interval. */
+  pollMs?: number;
+  /** Quiet period after an event before checking (editors write in several steps). */
+  debounceMs?: number;
+}
+
+async function listFiles(p: string, out: string[], seen: Set<string>): Promise<void> {
+  let st;
+  try {
+    st = await fsp.stat(p);
+  } catch {
+    out.push(p); // a missing path is part of the state too
+    return;
+  }
+  if (st.isDirectory()) {
+    let real = p;
+    try { real = await fsp.realpath(p); } catch { /* keep p */ }
+    if (seen.has(real)) return;
+    seen.add(real);
+    const names = (await fsp.readdir(p).catch(() => [] as string[])).sort();
+    for (const n of names) {
+      if (n.startsWith('.')) continue; // ..data, ..2024_..., .git
+      const child = path.join(p, n);
+      const cst = await fsp.stat(child).catch(() => undefined);
+      if (!cst) continue;
+      if (cst.isDirectory()) await listFiles(child, out, seen);
+      else if (/\.(ya?ml|json)$/i.test(n)) out.push(child);
+    }
+  } else out.push(p);
+}
+
+/** A hash over the content of every config file under the paths (plus extra files, e.g. certificates). */
+export async function contentHash(paths: readonly string[], extraFiles: readonly string[] = []): Promise<string> {
+  const files: string[] = [];
+  const seen = new Set<string>();
+  for (const p of paths) await listFiles(p, files, seen);
+  files.push(...extraFiles);
+  const h = createHash('sha256');
+  for (const f of files) {
+    h.update(f).update('\0');
+    try {
+      h.update(await fsp.readFile(f));
+    } catch (e) {
+      h.update(`<${(e as { code?: string }).code ?? 'error'}>`);
+    }
+    h.update('\0');
+  }
+  return h.digest('hex');
+}
+
+export class FileSource {
+  readonly #paths: string[];
+  readonly #watchers: FSWatcher[] = [];
+  #extra: string[] = [];
+  #timer: NodeJS.Timeout | undefined;
+  #debounce: NodeJS.Timeout | undefined;
+  #last = '';
+  #checking = false;
+  #again = false;
+  #closed = false;
+
+  constructor(paths: string[], private readonly onChange: () => void, private readonly opts: FileSourceOptions = {}) {
+    this.#paths = paths.map((p) => path.resolve(p));
+  }
+
+  /** Files outside the config paths whose changes also count (certificate and key files). */
+  setExtraFiles(files: string[]): void {
+    const next = [...new Set(files)].sort();
+    if (next.join('\n') === this.#extra.join('\n')) return;
+    this.#extra = next;
+    this.#rewatch();
+  }
+
+  async start(): Promise<void> {
+    this.#last = await contentHash(this.#paths, this.#extra);
+    this.#rewatch();
+    this.#timer = setInterval(() => this.#check(), this.opts.pollMs ?? 500);
+    this.#timer.unref();
+  }
+
+  close(): void {
+    this.#closed = true;
+    if (this.#timer) clearInterval(this.#timer);
+    if (this.#debounce) clearTimeout(this.#debounce);
+    for (const w of this.#watchers.splice(0)) w.close();
+  }
+
+  #rewatch(): void {
+    for (const w of this.#watchers.splice(0)) w.close();
+    if (this.#closed) return;
+    // Watch directories (not files): a rename-over or symlink swap replaces the file's inode.
+    const dirs = new Set<string>();
+    for (const p of this.#paths) dirs.add(p);
+    for (const f of this.#extra) dirs.add(path.dirname(f));
+    for (const d of dirs) {
+      try {
+        const w = watch(d, { recursive: false, persistent: false }, () => this.#kick());
+        w.on('error', () => { /* the poll covers it */ });
+        this.#watchers.push(w);
+      } catch { /* missing path: the poll notices when it appears */ }
+      try {
+        const parent = path.dirname(d);
+        const w = watch(parent, { persistent: false }, () => this.#kick());
+        w.on('error', () => {});
+        this.#watchers.push(w);
+      } catch { /* ignore */ }
+    }
+  }
+
+  #kick(): void {
+    if (this.#debounce) clearTimeout(this.#debounce);
+    this.#debounce = setTimeout(() => this.#check(), this.opts.debounceMs ?? 50);
+    this.#debounce.unref();
+  }
+
+  async #check(): Promise<void> {
+    if (this.#closed) return;
+    if (this.#checking) { this.#again = true; return; }
+    this.#checking = true;
+    try {
+      const h = await contentHash(this.#paths, this.#extra);
+      if (h !== this.#last) {
+        this.#last = h;
+        this.onChange();
+      }
+    } finally {
+      this.#checking = false;
+      if (this.#again) { this.#again = false; void this.#check(); }
+    }
+  }
+}
