@@ -15,6 +15,8 @@ export interface FileSourceOptions {
   pollMs?: number;
   /** Quiet period after an event before checking (editors write in several steps). */
   debounceMs?: number;
+  /** How long content must stay unchanged before it counts. */
+  settleMs?: number;
 }
 
 async function listFiles(p: string, out: string[], seen: Set<string>): Promise<void> {
@@ -131,8 +133,17 @@ export class FileSource {
     if (this.#checking) { this.#again = true; return; }
     this.#checking = true;
     try {
-      const h = await contentHash(this.#paths, this.#extra);
-      if (h !== this.#last) {
+      let h = await contentHash(this.#paths, this.#extra);
+      // A writer that truncates then writes (shell redirection, writeFile) shows an empty or
+      // partial file for a moment: fire only once the content has held still for a short
+      // while, so a half-written file is never applied.
+      for (let i = 0; h !== this.#last && i < 20; i++) {
+        await new Promise((r) => setTimeout(r, this.opts.settleMs ?? 40));
+        const again = await contentHash(this.#paths, this.#extra);
+        if (again === h) break;
+        h = again;
+      }
+      if (h !== this.#last && !this.#closed) {
         this.#last = h;
         this.onChange();
       }
