@@ -125,6 +125,11 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   let currentKey = snapshotKey(first.snapshot);
   const record = (r: Omit<ApplyRecord, 'time' | 'generation'>): ApplyRecord => {
     lastApply = { time: new Date().toISOString(), generation: dataPlane.snapshot?.generation ?? 0, ...r };
+    // Expiry of every certificate in use, labelled by Secret name (bounded: config-defined).
+    for (const name of Object.keys(dataPlane.snapshot?.secrets ?? {})) {
+      const leaf = dataPlane.certStore.get(name)?.leaf;
+      if (leaf) telemetry.set('certificate_expiry_timestamp_seconds', new Date(leaf.notAfter).getTime() / 1000, { secret: name });
+    }
     telemetry.set('config_generation', lastApply.generation);
     telemetry.set('config_last_apply_success', r.ok ? 1 : 0);
     telemetry.set('config_last_apply_timestamp_seconds', Date.now() / 1000);
