@@ -59,6 +59,7 @@ export function parseTarget(target: string | undefined, o: Pick<ExplainCommandOp
     const m = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target);
     if (!m) throw new ExplainUsageError(`target "${target}" is not a URL: use https://host[:port]/path, http://host[:port]/path, tcp://host:port or tls://host:port (or --sni and --port)`);
     const scheme = m[1]!.toLowerCase();
+    if (!['https', 'http', 'tcp', 'tls'].includes(scheme)) throw new ExplainUsageError(`unsupported scheme "${scheme}": use https, http, tcp or tls`);
     let url: URL;
     try {
       url = new URL(target);

@@ -64,6 +64,27 @@ program.command('validate')
     process.exitCode = await validateCommand({ config: o.config, namespace: o.namespace, labels: o.labels, quiet: o.quiet });
   });
 
+program.command('explain')
+  .description('show the path a connection would take: listener, filter chain, TLS, route, cluster (exit 0 matched, 1 no match, 2 bad input)')
+  .argument('[target]', 'https://host[:port]/path, http://host[:port]/path, tcp://host:port or tls://host:port')
+  .requiredOption('-c, --config <path>', 'file or directory (repeatable)', collect, [] as string[])
+  .option('--namespace <ns>', 'the proxy\'s namespace for credentialName lookups', 'istio-system')
+  .option('--labels <k=v,...>', 'explain as a proxy with these workload labels')
+  .option('--json', 'print a JSON object instead of text')
+  .option('--sni <name>', 'SNI the client sends (overrides the URL host)')
+  .option('--port <port>', 'port the client connects to (overrides the URL port)', int('--port'))
+  .option('--alpn <protocols>', 'ALPN the client offers, comma-separated (https default: h2,http/1.1)')
+  .option('--header <k=v>', 'request header (repeatable; host=... sets the Host)', collect, [] as string[])
+  .option('--method <method>', 'request method (default GET)')
+  .option('--path <path>', 'request path (default: from the URL, else /)')
+  .option('--address <addr>', 'listener address, when several listeners share the port')
+  .option('--plaintext', 'with --port and no target: the client sends plaintext, not a ClientHello')
+  .exitOverride((e) => process.exit(e.exitCode === 0 ? 0 : 2))
+  .action(async (target: string | undefined, o) => {
+    const { explainCommand } = await import('./explain.js');
+    process.exitCode = await explainCommand(target, { ...o, config: o.config, namespace: o.namespace });
+  });
+
 program.command('demo')
   .description('run the quickstart demo: a gateway on an embedded config with generated certificates and an echo upstream')
   .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)

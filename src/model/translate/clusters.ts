@@ -194,8 +194,9 @@ export class ClusterBuilder {
       case 'DNS':
       case 'DNS_ROUND_ROBIN':
         cluster.discovery = 'DNS';
-        if (eps.length === 0) {
-          for (const h of se.spec.hosts) if (!h.startsWith('*')) eps.push({ address: h.toLowerCase(), port: targetPort, weight: 1, labels: {} });
+        // No endpoints: each host of the entry is its own service, resolved by its own name.
+        if (eps.length === 0 && !cluster.serviceHost.startsWith('*')) {
+          eps.push({ address: cluster.serviceHost, port: targetPort, weight: 1, labels: {} });
         }
         break;
       case 'NONE':
