@@ -36,7 +36,9 @@ program.command('run')
   .requiredOption('-c, --config <path>', 'file or directory of Istio YAML/JSON (repeatable)', collect, [] as string[])
   .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)
   .option('--admin-address <addr>', 'admin server address (privileged: keep it on loopback)', '127.0.0.1')
-  .option('--bind-address <addr>', 'address listeners bind unless a server sets bind', '0.0.0.0')
+  .option('--bind-address <addr>', 'address listeners bind unless a server sets bind (default 0.0.0.0; 127.0.0.1 for --sidecar)')
+  .option('--sidecar', 'run as a sidecar: serve the mesh (VirtualServices bound to mesh, ServiceEntries) instead of Gateways')
+  .option('--outbound-port <port>', 'sidecar: the HTTP proxy port the app uses through HTTP_PROXY', int('--outbound-port'), 15001)
   .option('--labels <k=v,...>', 'this proxy\'s workload labels: serve only Gateways whose selector matches')
   .option('--namespace <ns>', 'the proxy\'s own namespace (credentialName Secrets are looked up here first)', 'istio-system')
   .option('--access-log <where>', 'stdout, off, or a file path', 'stdout')
@@ -47,7 +49,9 @@ program.command('run')
   .option('--no-watch', 'do not watch the config paths and certificate files for changes (SIGHUP still reloads)')
   .action(async (o) => {
     process.exitCode = await runCommand({
-      config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress, bindAddress: o.bindAddress,
+      config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress,
+      bindAddress: o.bindAddress ?? (o.sidecar ? '127.0.0.1' : '0.0.0.0'),
+      sidecar: o.sidecar === true, outboundPort: o.outboundPort,
       labels: o.labels, namespace: o.namespace, accessLog: o.accessLog, logLevel: o.logLevel,
       drainGraceMs: o.drainGrace, drainTimeoutMs: o.drainTimeout, clientHelloTimeoutMs: o.clientHelloTimeout,
       watch: o.watch,
@@ -91,6 +95,9 @@ program.command('demo')
   .action(async (o) => {
     process.exitCode = await demoCommand({ adminPort: o.adminPort });
   });
+
+// `ca init | token | serve | rotate-root`: the mesh CA (src/cli/ca.ts loads the mesh code lazily).
+(await import('./ca.js')).registerCaCommands(program);
 
 program.parseAsync(process.argv).catch((e: Error) => {
   process.stderr.write(`tlsgate: ${e.message}\n`);

@@ -36,6 +36,9 @@ export interface RunOptions {
   clientHelloTimeoutMs: number;
   /** Watch the config paths and certificate files (default true). */
   watch?: boolean;
+  /** Sidecar role: an outbound HTTP proxy for the app instead of Gateways. */
+  sidecar?: boolean;
+  outboundPort?: number;
 }
 
 export interface ApplyRecord {
@@ -91,6 +94,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     bindAddress: opts.bindAddress,
     clientHelloTimeoutMs: opts.clientHelloTimeoutMs,
     ...(labels ? { labels } : {}),
+    ...(opts.sidecar ? { sidecar: { outboundAddress: opts.bindAddress, outboundPort: opts.outboundPort ?? 15001 } } : {}),
   };
   const first = await buildSnapshot(opts.config, translateOptions);
   for (const d of first.diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');

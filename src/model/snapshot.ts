@@ -176,6 +176,11 @@ export interface HttpConnectionManager {
   xfccBy?: string;
   /** Accept h2 (ALPN h2 on TLS; prior knowledge on plaintext). */
   http2: boolean;
+  /**
+   * A sidecar's outbound proxy: requests arrive in absolute form (`GET http://host:port/path`,
+   * the app's HTTP_PROXY); the authority's port (80 when absent) is the port routes match on.
+   */
+  forwardProxy?: boolean;
 }
 
 // ---------------------------------------------------------------- TCP

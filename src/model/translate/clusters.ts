@@ -167,7 +167,13 @@ export class ClusterBuilder {
     let best: DestinationRuleResource | undefined;
     let bestLen = -1;
     for (const dr of this.ctx.resources.destinationRules) {
-      if (dr.spec.workloadSelector) continue; // selects sidecars, not this proxy
+      // A workloadSelector picks sidecars by label: gateways never use such a rule.
+      if (dr.spec.workloadSelector) {
+        const want = dr.spec.workloadSelector.matchLabels ?? {};
+        const mine = this.ctx.options.labels ?? {};
+        if (!this.ctx.options.sidecar || dr.metadata.namespace !== this.ctx.options.proxyNamespace ||
+          !Object.entries(want).every(([k, v]) => mine[k] === v)) continue;
+      }
       const h = fqdn(dr.spec.host, dr.metadata.namespace);
       const raw = dr.spec.host.toLowerCase();
       if (h === full || raw === clusterHost || h === clusterHost || raw === destHost.toLowerCase()) return dr;

@@ -19,6 +19,8 @@ export interface TranslateOptions {
   tcpIdleTimeoutMs: number;
   /** Upstream connect timeout when no DestinationRule sets one (Envoy default 10 s). */
   connectTimeoutMs: number;
+  /** Sidecar role: serve the mesh (outbound proxy) instead of Gateways. */
+  sidecar?: { outboundAddress: string; outboundPort: number };
 }
 
 export const DEFAULT_TRANSLATE_OPTIONS: TranslateOptions = {

@@ -13,8 +13,9 @@ import { parseDuration, type TranslateContext } from './context.js';
 const DEFAULT_RETRY: RetryPolicy = { attempts: 2, retryOn: ['connect-failure', 'refused-stream', 'unavailable', 'cancelled', '503'] };
 
 export interface BindingScope {
-  gatewayKey: string; // "ns/name"
-  port: number;
+  gatewayKey: string; // "ns/name", or "mesh" for sidecars
+  /** The server port; undefined for a sidecar's outbound proxy, where the request's port decides at run time. */
+  port: number | undefined;
   vsGateways: string[]; // the VS top-level gateways, normalised to ns/name or "mesh"
 }
 
@@ -26,10 +27,10 @@ export function normaliseGateways(list: string[] | undefined, ns: string): strin
 export function matchApplies(m: { gateways?: string[]; port?: number }, vsNs: string, scope: BindingScope): boolean {
   const gws = m.gateways?.length ? normaliseGateways(m.gateways, vsNs) : scope.vsGateways;
   if (!gws.includes(scope.gatewayKey)) return false;
-  return m.port === undefined || m.port === scope.port;
+  return m.port === undefined || scope.port === undefined || m.port === scope.port;
 }
 
-export function buildHttpRoutes(ctx: TranslateContext, clusters: ClusterBuilder, vs: VirtualServiceResource, scope: BindingScope): Route[] {
+export function buildHttpRoutes(ctx: TranslateContext, clusters: ClusterBuilder, vs: VirtualServiceResource, scope: BindingScope, fallbackPort?: number): Route[] {
   const routes: Route[] = [];
   const ns = vs.metadata.namespace;
   (vs.spec.http ?? []).forEach((hr, i) => {
@@ -40,13 +41,14 @@ export function buildHttpRoutes(ctx: TranslateContext, clusters: ClusterBuilder,
         const m = hr.match[j]!;
         if (!matchApplies(m, ns, scope)) continue;
         const rm = routeMatch(ctx, vs, `${path}.match[${j}]`, m);
+        if (rm && scope.port === undefined && m.port !== undefined) rm.port = m.port;
         if (rm) matches.push(rm);
       }
       if (matches.length === 0) return; // no match entry applies to this gateway/port
     } else if (!scope.vsGateways.includes(scope.gatewayKey)) {
       return;
     }
-    const action = routeAction(ctx, clusters, vs, path, hr, scope.port);
+    const action = routeAction(ctx, clusters, vs, path, hr, scope.port ?? fallbackPort);
     if (!action) return;
     const route: Route = {
       name: hr.name ? `${ns}/${vs.metadata.name}#${hr.name}` : `${ns}/${vs.metadata.name}#http[${i}]`,
@@ -128,7 +130,7 @@ function mutation(ops: HeaderOperations | undefined): HeaderMutation | undefined
   return m.set.length || m.add.length || m.remove.length ? m : undefined;
 }
 
-function routeAction(ctx: TranslateContext, clusters: ClusterBuilder, vs: VirtualServiceResource, path: string, hr: HttpRoute, port: number): RouteAction | undefined {
+function routeAction(ctx: TranslateContext, clusters: ClusterBuilder, vs: VirtualServiceResource, path: string, hr: HttpRoute, port: number | undefined): RouteAction | undefined {
   for (const f of ['delegate', 'fault', 'mirror', 'mirrors', 'mirrorPercentage', 'mirrorPercent', 'corsPolicy'] as const) {
     if (hr[f] !== undefined) {
       ctx.error('TG4001', vs, `${path}.${f}`, `not supported yet: ${f}`, 'remove the field, or serve this route with Istio');

@@ -8,6 +8,7 @@ import type { Snapshot } from '../snapshot.js';
 import { ClusterBuilder } from './clusters.js';
 import { DEFAULT_TRANSLATE_OPTIONS, TranslateContext, type TranslateOptions } from './context.js';
 import { buildListeners } from './gateways.js';
+import { buildSidecarOutbound } from './sidecar.js';
 
 export { DEFAULT_TRANSLATE_OPTIONS, type TranslateOptions } from './context.js';
 
@@ -20,9 +21,9 @@ export function translate(resources: ResourceSet, options: Partial<TranslateOpti
   const opts: TranslateOptions = { ...DEFAULT_TRANSLATE_OPTIONS, ...options };
   const ctx = new TranslateContext(resources, opts);
   const clusters = new ClusterBuilder(ctx);
-  const listeners = buildListeners(ctx, clusters);
+  const listeners = opts.sidecar ? [buildSidecarOutbound(ctx, clusters, opts.sidecar)] : buildListeners(ctx, clusters);
   for (const pa of resources.peerAuthentications) {
-    ctx.info('TG4001', pa, 'spec', 'PeerAuthentication applies to sidecars; a gateway does not use it (as in Istio)');
+    if (!opts.sidecar) ctx.info('TG4001', pa, 'spec', 'PeerAuthentication applies to sidecars; a gateway does not use it (as in Istio)');
   }
   for (const de of resources.destinationRules) ctx.touch(de);
   for (const se of resources.serviceEntries) ctx.touch(se);

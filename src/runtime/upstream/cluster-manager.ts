@@ -1,0 +1,883 @@
+/**
+ * Upstream clusters at runtime: endpoint discovery (STATIC, DNS), load balancing, one undici Pool
+ * per endpoint for HTTP (keep-alive, bounded connections, no pipelining), raw TCP/TLS connections
+ * for TCP proxying, TLS origination and circuit breaking.
+ *
+ * Every failure becomes an UpstreamError carrying a documented access-log reason, never a throw:
+ * - no endpoint (empty cluster, DNS failure, unknown cluster)  -> no_healthy_upstream (503)
+ * - TCP connect refused/unreachable                           -> upstream_connect_failed (503)
+ * - connect timeout                                            -> upstream_connect_timeout (503)
+ * - TLS material missing, handshake or verification failure     -> upstream_tls_failed (503)
+ * - connection reset / closed mid-request / protocol error      -> upstream_reset (503)
+ * - upstream idle (no bytes for streamIdleTimeoutMs)            -> upstream_timeout (504)
+ * - maxRequests / maxPendingRequests reached                    -> upstream_overflow (503)
+ *
+ * TLS origination fails closed: when cluster.tls is present and its material cannot be loaded the
+ * request fails; there is no plaintext fallback.
+ *
+ * Pools are keyed by endpoint address and every setting that shapes a connection, so `update()`
+ * keeps the pools (and their warm connections) of endpoints that did not change and closes the
+ * others gracefully (in-flight requests finish).
+ */
+import { X509Certificate } from 'node:crypto';
+import * as net from 'node:net';
+import type { Readable } from 'node:stream';
+import { Readable as ReadableStream } from 'node:stream';
+import * as tls from 'node:tls';
+import { Pool } from 'undici';
+import type { Dispatcher, buildConnector } from 'undici';
+import type { Cluster, Endpoint } from '../../model/snapshot.js';
+import type { Reason } from '../telemetry.js';
+import { subjectAltNames } from '../chain/xfcc.js';
+import { DnsCache, DnsError } from './dns.js';
+import { createLoadBalancer, type LoadBalancer } from './load-balancer.js';
+
+// ------------------------------------------------------------------ public types
+
+/** Certificate material a secret name resolves to (runtime/pki provides the resolver). */
+export interface SecretMaterial {
+  certChainPem?: string;
+  privateKeyPem?: string;
+  caPem?: string;
+  /** The secret stands for the system trust store. */
+  systemRoots?: boolean;
+}
+
+export type SecretResolver = (name: string) => SecretMaterial | undefined;
+
+export interface ClusterManagerOptions {
+  secrets?: SecretResolver;
+  dns?: DnsCache;
+  /** Random source for load balancing (tests pass a seeded one). */
+  random?: () => number;
+  /** Upstream inactivity limit while waiting for headers or body bytes (default 300 s, Envoy's stream idle timeout). */
+  streamIdleTimeoutMs?: number;
+}
+
+/** Why an upstream attempt failed, with the documented reason and the low-level code. */
+export class UpstreamError extends Error {
+  readonly reason: Reason;
+  /** Low-level code: errno (ECONNREFUSED), TLS error (CERT_HAS_EXPIRED, ERR_TLS_CERT_ALTNAME_INVALID), undici code. */
+  readonly code: string | undefined;
+  readonly cluster: string;
+  /** "ip:port" of the endpoint tried, when one was picked. */
+  readonly endpoint: string | undefined;
+
+  constructor(reason: Reason, message: string, opts: { code?: string; cluster: string; endpoint?: string; cause?: unknown }) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'UpstreamError';
+    this.reason = reason;
+    this.code = opts.code;
+    this.cluster = opts.cluster;
+    this.endpoint = opts.endpoint;
+  }
+
+  /** The request never reached an upstream connection (retry condition connect-failure). */
+  get connectFailure(): boolean {
+    return this.reason === 'upstream_connect_failed' || this.reason === 'upstream_connect_timeout' ||
+      this.reason === 'upstream_tls_failed';
+  }
+
+  /** HTTP status a proxy answers with for this failure. */
+  get status(): number {
+    if (this.reason === 'upstream_timeout') return 504;
+    if (this.reason === 'internal_error') return 500;
+    return 503;
+  }
+}
+
+export interface UpstreamRequest {
+  method: string;
+  /** Request target (path and query). */
+  path: string;
+  headers: Record<string, string | string[]>;
+  /** Stream (piped with backpressure), fully buffered body, or none. */
+  body: Readable | Buffer | null;
+  /** The Host the request carries; the SNI when the cluster uses autoSni. */
+  host: string;
+}
+
+/** Control over one in-flight upstream request. */
+export interface UpstreamControl {
+  /** "ip:port" (or socket path) once an endpoint was picked. */
+  readonly endpoint: string | undefined;
+  pause(): void;
+  resume(): void;
+  /** Cancels the request; the handler then gets onError with `err` (or an upstream_reset). */
+  abort(err?: Error): void;
+}
+
+/**
+ * Callbacks of one upstream request. Exactly one of onEnd / onError ends it; none is called
+ * synchronously from `dispatch`.
+ */
+export interface UpstreamHandler {
+  onHeaders(ctl: UpstreamControl, statusCode: number, headers: Record<string, string | string[] | undefined>): void;
+  onData(ctl: UpstreamControl, chunk: Buffer): void;
+  onEnd(ctl: UpstreamControl, trailers: Record<string, string | string[] | undefined>): void;
+  onError(ctl: UpstreamControl, err: UpstreamError): void;
+}
+
+export interface UpstreamResponse {
+  statusCode: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: Readable;
+  endpoint: string;
+}
+
+// ------------------------------------------------------------------ TLS origination
+
+/** Settings for `tls.connect` to a cluster's endpoint, or why there are none. */
+export type TlsConnectResult =
+  | { ok: true; options: tls.ConnectionOptions; servername: string | undefined }
+  | { ok: false; reason: 'upstream_tls_failed'; message: string };
+
+interface ContextCacheEntry {
+  ca: string | undefined;
+  cert: string | undefined;
+  key: string | undefined;
+  context: tls.SecureContext;
+}
+
+/** SecureContexts keyed by the secrets they were built from; rebuilt only when material changes. */
+export class TlsContextCache {
+  readonly #entries = new Map<string, ContextCacheEntry>();
+
+  get(key: string, ca: string | undefined, cert: string | undefined, key_: string | undefined,
+    minVersion: tls.SecureVersion, maxVersion: tls.SecureVersion): tls.SecureContext {
+    const e = this.#entries.get(key);
+    if (e !== undefined && e.ca === ca && e.cert === cert && e.key === key_) return e.context;
+    const context = tls.createSecureContext({
+      ...(ca !== undefined ? { ca } : {}),
+      ...(cert !== undefined ? { cert, key: key_ } : {}),
+      minVersion,
+      maxVersion,
+    });
+    if (this.#entries.size > 1024) this.#entries.clear();
+    this.#entries.set(key, { ca, cert, key: key_, context });
+    return context;
+  }
+}
+
+/** SNI for a request: the cluster's fixed `sni`, else the request Host with autoSni; never an IP. */
+export function upstreamServerName(cluster: Cluster, host: string | undefined): string | undefined {
+  const t = cluster.tls;
+  if (t === undefined) return undefined;
+  let name = t.sni !== undefined && t.sni !== '' ? t.sni : (t.autoSni && host !== undefined ? hostOnly(host) : undefined);
+  if (name === '' || (name !== undefined && net.isIP(name) !== 0)) name = undefined;
+  return name;
+}
+
+function hostOnly(host: string): string {
+  if (host.startsWith('[')) return host.slice(1, Math.max(1, host.indexOf(']')));
+  const c = host.lastIndexOf(':');
+  return (c === -1 || host.indexOf(':') !== c ? host : host.slice(0, c)).toLowerCase();
+}
+
+/**
+ * `tls.connect` options for originating TLS to an endpoint of `cluster`: SNI, trust (system roots
+ * or the validationCa secret), client certificate (MUTUAL / ISTIO_MUTUAL), server identity check
+ * (the subjectAltNames list when given, else the SNI), versions and ALPN. Missing material is an
+ * error, never a reason to skip verification.
+ */
+export function tlsConnectOptions(
+  cluster: Cluster,
+  host: string | undefined,
+  secrets: SecretResolver,
+  opts: { alpn?: string[]; cache?: TlsContextCache } = {},
+): TlsConnectResult {
+  const t = cluster.tls;
+  if (t === undefined) return { ok: false, reason: 'upstream_tls_failed', message: `cluster ${cluster.name} has no TLS settings` };
+  const servername = upstreamServerName(cluster, host);
+
+  let ca: string | undefined;
+  if (!t.insecureSkipVerify && t.validationCa !== '' && t.validationCa !== 'system') {
+    const m = secrets(t.validationCa);
+    if (m === undefined || (m.caPem === undefined && m.systemRoots !== true)) {
+      return { ok: false, reason: 'upstream_tls_failed', message: `CA secret ${t.validationCa} is not available` };
+    }
+    ca = m.systemRoots === true ? undefined : m.caPem;
+  }
+
+  let cert: string | undefined;
+  let key: string | undefined;
+  if (t.mode !== 'SIMPLE' || t.clientCertificate !== undefined) {
+    const name = t.clientCertificate;
+    const m = name === undefined ? undefined : secrets(name);
+    if (m?.certChainPem === undefined || m.privateKeyPem === undefined) {
+      if (t.mode !== 'SIMPLE') {
+        return { ok: false, reason: 'upstream_tls_failed', message: `client certificate secret ${name ?? '(none)'} is not available` };
+      }
+    } else {
+      cert = m.certChainPem;
+      key = m.privateKeyPem;
+    }
+  }
+
+  const cacheKey = `${t.validationCa}|${t.clientCertificate ?? ''}|${t.minVersion}|${t.maxVersion}|${t.insecureSkipVerify}`;
+  let secureContext: tls.SecureContext;
+  try {
+    secureContext = opts.cache !== undefined
+      ? opts.cache.get(cacheKey, ca, cert, key, t.minVersion, t.maxVersion)
+      : tls.createSecureContext({ ...(ca !== undefined ? { ca } : {}), ...(cert !== undefined ? { cert, key } : {}), minVersion: t.minVersion, maxVersion: t.maxVersion });
+  } catch (err) {
+    // Bad PEM: say which secret, never its content.
+    return { ok: false, reason: 'upstream_tls_failed', message: `cannot load TLS material for cluster ${cluster.name}: ${(err as Error).message.split('\n')[0]}` };
+  }
+
+  const sans = t.subjectAltNames;
+  const checkServerIdentity = t.insecureSkipVerify
+    ? () => undefined
+    : sans.length > 0
+      ? (_name: string, peer: tls.PeerCertificate) => checkSubjectAltNames(sans, peer)
+      : (name: string, peer: tls.PeerCertificate) =>
+        // Without an expected name (no SNI, IP endpoint) only the chain is verified, as Envoy does.
+        servername === undefined ? undefined : tls.checkServerIdentity(name, peer);
+
+  const options: tls.ConnectionOptions = {
+    secureContext,
+    rejectUnauthorized: !t.insecureSkipVerify,
+    checkServerIdentity,
+    minVersion: t.minVersion,
+    maxVersion: t.maxVersion,
+  };
+  if (servername !== undefined) options.servername = servername;
+  const alpn = opts.alpn ?? t.alpn;
+  if (alpn.length > 0) options.ALPNProtocols = alpn;
+  return { ok: true, options, servername };
+}
+
+/** Any expected SAN presented by the certificate (DNS with certificate wildcards, IP, URI exact). */
+function checkSubjectAltNames(expected: readonly string[], peer: tls.PeerCertificate): Error | undefined {
+  let x509: X509Certificate;
+  try {
+    x509 = new X509Certificate(peer.raw);
+  } catch {
+    return Object.assign(new Error('upstream certificate cannot be parsed'), { code: 'ERR_TLS_CERT_ALTNAME_INVALID' });
+  }
+  let uris: string[] | undefined;
+  for (const want of expected) {
+    if (want.includes(':') && net.isIP(want) === 0) {
+      uris ??= subjectAltNames(x509).uri;
+      if (uris.includes(want)) return undefined;
+    } else if (net.isIP(want) !== 0) {
+      if (x509.checkIP(want) !== undefined) return undefined;
+    } else if (x509.checkHost(want, { subject: 'never', wildcards: true, partialWildcards: false }) !== undefined) {
+      return undefined;
+    }
+  }
+  return Object.assign(new Error(`upstream certificate presents none of the expected SANs [${expected.join(', ')}]`), {
+    code: 'ERR_TLS_CERT_ALTNAME_INVALID',
+  });
+}
+
+// ------------------------------------------------------------------ hosts and clusters
+
+const kReason = Symbol('tlsgate.upstreamReason');
+type TaggedError = Error & { code?: string; [kReason]?: Reason };
+
+/** One endpoint address (after DNS) and its pool; shared by clusters with identical settings. */
+class Host {
+  active = 0;
+  pool: Pool | undefined;
+  constructor(
+    readonly key: string,
+    readonly address: string,
+    readonly port: number,
+    readonly weight: number,
+    readonly settings: ClusterSettings,
+  ) {}
+
+  get label(): string {
+    return this.address.startsWith('/') ? this.address : `${net.isIPv6(this.address) ? `[${this.address}]` : this.address}:${this.port}`;
+  }
+}
+
+/** The parts of a Cluster that shape its connections (a changed setting means new pools). */
+interface ClusterSettings {
+  cluster: Cluster;
+  /** Stable text of the fields below, part of every pool key. */
+  fingerprint: string;
+}
+
+class ClusterState {
+  readonly lb: LoadBalancer<Host>;
+  active = 0;
+  pending = 0;
+  /** STATIC: computed once; DNS: rebuilt when the resolved addresses change. */
+  hosts: Host[] = [];
+  dnsInputs: (string[] | undefined)[] = [];
+  readonly settings: ClusterSettings;
+
+  constructor(readonly cluster: Cluster, random: (() => number) | undefined) {
+    this.lb = createLoadBalancer<Host>(cluster.lbPolicy, random === undefined ? {} : { random });
+    this.settings = {
+      cluster,
+      fingerprint: JSON.stringify([cluster.connectTimeoutMs, cluster.httpProtocol, cluster.tls ?? null,
+        cluster.limits.maxConnections ?? null, cluster.limits.maxRequestsPerConnection ?? null,
+        cluster.limits.idleTimeoutMs ?? null]),
+    };
+  }
+}
+
+function hostKey(address: string, port: number, s: ClusterSettings): string {
+  return `${address}|${port}|${s.fingerprint}`;
+}
+
+function isHostname(ep: Endpoint): boolean {
+  return !ep.address.startsWith('/') && net.isIP(ep.address) === 0;
+}
+
+// ------------------------------------------------------------------ the manager
+
+const PLACEHOLDER_SNI = 'no-sni.tlsgate.invalid';
+
+export class ClusterManager {
+  readonly #secrets: SecretResolver;
+  readonly #dns: DnsCache;
+  readonly #random: (() => number) | undefined;
+  readonly #idleMs: number;
+  readonly #tlsCache = new TlsContextCache();
+  #clusters = new Map<string, ClusterState>();
+  /** Hosts by key, shared across clusters and snapshots; swept after updates. */
+  #hosts = new Map<string, Host>();
+  #closed = false;
+
+  constructor(clusters: Record<string, Cluster>, opts: ClusterManagerOptions = {}) {
+    this.#secrets = opts.secrets ?? (() => undefined);
+    this.#dns = opts.dns ?? new DnsCache();
+    this.#random = opts.random;
+    this.#idleMs = opts.streamIdleTimeoutMs ?? 300_000;
+    this.update(clusters);
+  }
+
+  /** The cluster definition by name. */
+  get(name: string): Cluster | undefined {
+    return this.#clusters.get(name)?.cluster;
+  }
+
+  /** In-flight request count of a cluster (for tests and admin). */
+  stats(name: string): { active: number; pending: number } | undefined {
+    const s = this.#clusters.get(name);
+    return s === undefined ? undefined : { active: s.active, pending: s.pending };
+  }
+
+  /** TLS options for a cluster (see tlsConnectOptions), using this manager's secrets and context cache. */
+  tlsConnectOptions(clusterName: string, host: string | undefined, alpn?: string[]): TlsConnectResult {
+    const s = this.#clusters.get(clusterName);
+    if (s === undefined) return { ok: false, reason: 'upstream_tls_failed', message: `unknown cluster ${clusterName}` };
+    return tlsConnectOptions(s.cluster, host, this.#secrets, { cache: this.#tlsCache, ...(alpn !== undefined ? { alpn } : {}) });
+  }
+
+  /**
+   * Replaces the cluster set. Pools of endpoints whose address and connection settings did not
+   * change are kept; the others are closed gracefully.
+   */
+  update(clusters: Record<string, Cluster>): void {
+    const next = new Map<string, ClusterState>();
+    for (const [name, c] of Object.entries(clusters)) {
+      const s = new ClusterState(c, this.#random);
+      if (c.discovery === 'STATIC') s.hosts = this.#hostsFor(s, c.endpoints.map((ep) => [ep, [ep.address]]));
+      next.set(name, s);
+    }
+    this.#clusters = next;
+    this.#sweep();
+  }
+
+  /**
+   * Closes every pool: in-flight requests get `graceMs` to finish, then their connections are
+   * destroyed (a stuck upstream cannot hold shutdown forever).
+   */
+  async close(graceMs = 5_000): Promise<void> {
+    this.#closed = true;
+    this.#clusters = new Map();
+    const pools = [...this.#hosts.values()].map((h) => h.pool).filter((p): p is Pool => p !== undefined);
+    this.#hosts.clear();
+    await Promise.allSettled(pools.map((p) => closePool(p, graceMs)));
+  }
+
+  #hostsFor(s: ClusterState, resolved: [Endpoint, string[]][]): Host[] {
+    const out: Host[] = [];
+    for (const [ep, addrs] of resolved) {
+      for (const address of addrs) {
+        const key = hostKey(address, ep.port, s.settings);
+        let h = this.#hosts.get(key);
+        if (h === undefined || h.weight !== ep.weight) {
+          const prev = h;
+          h = new Host(key, address, ep.port, ep.weight, s.settings);
+          if (prev !== undefined) {
+            h.pool = prev.pool;
+            h.active = prev.active;
+          }
+          this.#hosts.set(key, h);
+        }
+        out.push(h);
+      }
+    }
+    return out;
+  }
+
+  /** Closes pools no cluster refers to any more. */
+  #sweep(): void {
+    const live = new Set<string>();
+    for (const s of this.#clusters.values()) for (const h of s.hosts) live.add(h.key);
+    for (const [key, h] of this.#hosts) {
+      if (live.has(key)) continue;
+      this.#hosts.delete(key);
+      if (h.pool !== undefined) {
+        const pool = h.pool;
+        h.pool = undefined;
+        closePool(pool, 30_000).catch(() => undefined);
+      }
+    }
+  }
+
+  /** Hosts of a cluster now: an array, a DNS error, or a promise when names must be resolved. */
+  #currentHosts(s: ClusterState): Host[] | UpstreamError | Promise<Host[] | UpstreamError> {
+    const c = s.cluster;
+    if (c.discovery === 'STATIC') return s.hosts;
+    if (c.discovery === 'ORIGINAL_DST') {
+      return new UpstreamError('no_healthy_upstream', `cluster ${c.name}: ORIGINAL_DST discovery is not supported yet`, { cluster: c.name, code: 'ORIGINAL_DST_UNSUPPORTED' });
+    }
+    // DNS: every endpoint address that is a name is resolved; all its addresses become hosts.
+    const inputs: (string[] | undefined)[] = new Array(c.endpoints.length);
+    let missing = false;
+    for (let i = 0; i < c.endpoints.length; i++) {
+      const ep = c.endpoints[i]!;
+      if (!isHostname(ep)) {
+        inputs[i] = [ep.address];
+        continue;
+      }
+      const hit = this.#dns.cached(ep.address);
+      if (hit instanceof DnsError) inputs[i] = [];
+      else if (hit === undefined) missing = true;
+      else inputs[i] = hit;
+    }
+    if (!missing) return this.#dnsHosts(s, inputs);
+    return Promise.all(c.endpoints.map((ep) => (isHostname(ep) ? this.#dns.resolve(ep.address).catch(() => [] as string[]) : Promise.resolve([ep.address]))))
+      .then((all) => this.#dnsHosts(s, all));
+  }
+
+  #dnsHosts(s: ClusterState, inputs: (string[] | undefined)[]): Host[] | UpstreamError {
+    // The DNS cache keeps array identity for an unchanged answer, so this is a cheap check.
+    let same = inputs.length === s.dnsInputs.length;
+    for (let i = 0; same && i < inputs.length; i++) same = inputs[i] === s.dnsInputs[i];
+    if (!same) {
+      s.dnsInputs = inputs;
+      s.hosts = this.#hostsFor(s, s.cluster.endpoints.map((ep, i) => [ep, inputs[i] ?? []]));
+      this.#sweep();
+    }
+    if (s.hosts.length === 0) {
+      return new UpstreamError('no_healthy_upstream', `cluster ${s.cluster.name}: no endpoint resolved`, { cluster: s.cluster.name, code: 'DNS_NO_ADDRESS' });
+    }
+    return s.hosts;
+  }
+
+  #pool(h: Host): Pool {
+    if (h.pool !== undefined) return h.pool;
+    const c = h.settings.cluster;
+    const useTls = c.tls !== undefined;
+    const allowH2 = useTls && c.httpProtocol === 'h2';
+    const origin = h.address.startsWith('/')
+      ? `${useTls ? 'https' : 'http'}://localhost`
+      : `${useTls ? 'https' : 'http'}://${net.isIPv6(h.address) ? `[${h.address}]` : h.address}:${h.port}`;
+    const idle = c.limits.idleTimeoutMs ?? 60_000;
+    const opts: Pool.Options = {
+      pipelining: 1,
+      keepAliveTimeout: idle,
+      keepAliveMaxTimeout: idle,
+      headersTimeout: this.#idleMs,
+      bodyTimeout: this.#idleMs,
+      allowH2,
+      connect: this.#connector(h, allowH2 ? ['h2', 'http/1.1'] : ['http/1.1']),
+    };
+    if (c.limits.maxConnections !== undefined && c.limits.maxConnections > 0) opts.connections = c.limits.maxConnections;
+    if (c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0) {
+      opts.maxRequestsPerClient = c.limits.maxRequestsPerConnection;
+    }
+    const pool = new Pool(origin, opts);
+    // A pool-level error has no request to report to; per-request errors reach the handler.
+    pool.on('connectionError', () => undefined);
+    h.pool = pool;
+    return pool;
+  }
+
+  /** An undici connector that dials this host itself, so connect and TLS failures are classified. */
+  #connector(h: Host, alpn: string[]): buildConnector.connector {
+    return (opts, cb) => {
+      const c = h.settings.cluster;
+      const sniHint = opts.servername === PLACEHOLDER_SNI || opts.servername == null ? undefined : opts.servername;
+      this.#dial(h, c, sniHint, c.connectTimeoutMs, alpn, (err, socket) => {
+        if (err !== null || socket === null) cb(err ?? new Error('connect failed'), null);
+        else cb(null, socket);
+      });
+    };
+  }
+
+  /** Opens a TCP (and with cluster.tls, TLS) connection to one host; calls back once. */
+  #dial(
+    h: Host,
+    c: Cluster,
+    requestHost: string | undefined,
+    timeoutMs: number,
+    alpn: string[] | undefined,
+    cb: (err: TaggedError | null, socket: net.Socket | null) => void,
+  ): void {
+    let done = false;
+    let tlsOpts: tls.ConnectionOptions | undefined;
+    if (c.tls !== undefined) {
+      const r = tlsConnectOptions(c, requestHost, this.#secrets, { cache: this.#tlsCache, ...(alpn !== undefined ? { alpn } : {}) });
+      if (!r.ok) {
+        const e: TaggedError = Object.assign(new Error(r.message), { code: 'TLS_MATERIAL_UNAVAILABLE', [kReason]: 'upstream_tls_failed' as Reason });
+        process.nextTick(cb, e, null);
+        return;
+      }
+      tlsOpts = r.options;
+    }
+    const finish = (err: TaggedError | null, sock: net.Socket | null): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      if (err !== null && sock !== null) sock.destroy();
+      cb(err, err === null ? sock : null);
+    };
+    const target = h.address.startsWith('/') ? { path: h.address } : { host: h.address, port: h.port };
+    let socket: net.Socket;
+    if (tlsOpts !== undefined) {
+      const ts = tls.connect({ ...target, ...tlsOpts });
+      socket = ts;
+      ts.once('secureConnect', () => {
+        // rejectUnauthorized already destroyed a socket whose chain failed; this covers the rest.
+        if (!ts.authorized && tlsOpts!.rejectUnauthorized !== false) {
+          const e: TaggedError = Object.assign(new Error(`upstream TLS verification failed: ${String(ts.authorizationError)}`), {
+            code: String(ts.authorizationError), [kReason]: 'upstream_tls_failed' as Reason,
+          });
+          finish(e, ts);
+          return;
+        }
+        finish(null, ts);
+      });
+    } else {
+      socket = net.connect(target);
+      socket.once('connect', () => finish(null, socket));
+    }
+    socket.setNoDelay(true);
+    socket.setKeepAlive(true, 60_000);
+    let connected = false;
+    socket.once('connect', () => { connected = true; });
+    socket.on('error', (err: TaggedError) => {
+      if (done) return;
+      // An error before TCP connected is a connect failure; after, during the handshake, a TLS failure.
+      err[kReason] = tlsOpts !== undefined && connected ? 'upstream_tls_failed' : 'upstream_connect_failed';
+      finish(err, socket);
+    });
+    socket.once('close', () => {
+      if (!done) {
+        finish(Object.assign(new Error('upstream closed during connect'), {
+          code: 'ECONNRESET', [kReason]: (tlsOpts !== undefined && connected ? 'upstream_tls_failed' : 'upstream_connect_failed') as Reason,
+        }), socket);
+      }
+    });
+    const timer = setTimeout(() => {
+      finish(Object.assign(new Error(`connect timeout after ${timeoutMs} ms`), {
+        code: 'UND_ERR_CONNECT_TIMEOUT', [kReason]: 'upstream_connect_timeout' as Reason,
+      }), socket);
+    }, timeoutMs > 0 ? timeoutMs : 10_000);
+    timer.unref();
+  }
+
+  /**
+   * Sends one HTTP request to a cluster. The handler is called asynchronously; the returned control
+   * pauses/resumes the response (backpressure) and aborts the request (downstream gone, timeout).
+   */
+  dispatch(clusterName: string, req: UpstreamRequest, handler: UpstreamHandler): UpstreamControl {
+    const ex = new Exchange(clusterName, handler);
+    const s = this.#clusters.get(clusterName);
+    if (this.#closed || s === undefined) {
+      ex.fail(new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' }));
+      return ex;
+    }
+    const lim = s.cluster.limits;
+    if ((lim.maxRequests !== undefined && s.active >= lim.maxRequests) ||
+      (lim.maxPendingRequests !== undefined && s.pending >= lim.maxPendingRequests)) {
+      ex.fail(new UpstreamError('upstream_overflow', `cluster ${clusterName} is at its request limit`, { cluster: clusterName, code: 'OVERFLOW' }));
+      return ex;
+    }
+    ex.begin(s);
+    const hosts = this.#currentHosts(s);
+    if (hosts instanceof Promise) {
+      hosts.then((hs) => this.#send(ex, s, hs, req), (err: unknown) => ex.fail(
+        new UpstreamError('no_healthy_upstream', `cluster ${clusterName}: ${String(err)}`, { cluster: clusterName, cause: err })));
+    } else this.#send(ex, s, hosts, req);
+    return ex;
+  }
+
+  #send(ex: Exchange, s: ClusterState, hosts: Host[] | UpstreamError, req: UpstreamRequest): void {
+    if (ex.aborted) {
+      ex.fail(ex.abortError());
+      return;
+    }
+    if (hosts instanceof UpstreamError) {
+      ex.fail(hosts);
+      return;
+    }
+    const h = s.lb.pick(hosts);
+    if (h === undefined) {
+      ex.fail(new UpstreamError('no_healthy_upstream', `cluster ${s.cluster.name} has no endpoints`, { cluster: s.cluster.name, code: 'NO_ENDPOINTS' }));
+      return;
+    }
+    ex.attach(h);
+    const c = s.cluster;
+    let servername: string | undefined;
+    if (c.tls !== undefined) {
+      // Fail before queueing when the TLS material is missing (fail closed, no plaintext retry).
+      const r = tlsConnectOptions(c, req.host, this.#secrets, { cache: this.#tlsCache });
+      if (!r.ok) {
+        ex.fail(new UpstreamError('upstream_tls_failed', r.message, { cluster: c.name, endpoint: h.label, code: 'TLS_MATERIAL_UNAVAILABLE' }));
+        return;
+      }
+      // undici reconnects when a request's servername differs from the connection's; a constant
+      // placeholder keeps a cluster without SNI on its warm connections.
+      servername = r.servername ?? PLACEHOLDER_SNI;
+    }
+    // `servername` is a dispatch option undici reads but does not declare in its types.
+    const opts: Dispatcher.DispatchOptions & { servername?: string } = {
+      method: req.method as Dispatcher.HttpMethod,
+      path: req.path,
+      headers: req.headers,
+      body: req.body,
+    };
+    if (servername !== undefined) opts.servername = servername;
+    try {
+      this.#pool(h).dispatch(opts, ex);
+    } catch (err) {
+      ex.fail(classify(err, c.name, h.label));
+    }
+  }
+
+  /**
+   * Convenience over dispatch: resolves with the status, headers and a body stream (paused while
+   * the consumer does not read), or rejects with an UpstreamError.
+   */
+  request(clusterName: string, req: UpstreamRequest & { signal?: AbortSignal }): Promise<UpstreamResponse> {
+    return new Promise<UpstreamResponse>((resolve, reject) => {
+      let body: ReadableStream | undefined;
+      const ctl = this.dispatch(clusterName, req, {
+        onHeaders(c, statusCode, headers) {
+          body = new ReadableStream({ read: () => c.resume() });
+          body.on('close', () => { if (!body!.readableEnded) c.abort(); });
+          resolve({ statusCode, headers, body, endpoint: c.endpoint ?? '' });
+        },
+        onData(c, chunk) {
+          if (body !== undefined && !body.push(chunk)) c.pause();
+        },
+        onEnd() {
+          body?.push(null);
+        },
+        onError(_c, err) {
+          if (body === undefined) reject(err);
+          else body.destroy(err);
+        },
+      });
+      if (req.signal !== undefined) {
+        if (req.signal.aborted) ctl.abort();
+        else req.signal.addEventListener('abort', () => ctl.abort(), { once: true });
+      }
+    });
+  }
+
+  /**
+   * A raw connection to an endpoint of a cluster, for TCP proxying: plain TCP, or TLS when the
+   * cluster originates TLS (fail closed). The endpoint's active count covers the connection's life.
+   */
+  connectTcp(clusterName: string, opts: { timeoutMs?: number; sni?: string } = {}): Promise<{ socket: net.Socket | tls.TLSSocket; endpoint: string }> {
+    const s = this.#clusters.get(clusterName);
+    if (this.#closed || s === undefined) {
+      return Promise.reject(new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' }));
+    }
+    const lim = s.cluster.limits;
+    if (lim.maxConnections !== undefined && s.active >= lim.maxConnections) {
+      return Promise.reject(new UpstreamError('upstream_overflow', `cluster ${clusterName} is at its connection limit`, { cluster: clusterName, code: 'OVERFLOW' }));
+    }
+    return Promise.resolve(this.#currentHosts(s)).then((hosts) => new Promise((resolve, reject) => {
+      if (hosts instanceof UpstreamError) {
+        reject(hosts);
+        return;
+      }
+      const h = s.lb.pick(hosts);
+      if (h === undefined) {
+        reject(new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' }));
+        return;
+      }
+      h.active++;
+      s.active++;
+      this.#dial(h, s.cluster, opts.sni, opts.timeoutMs ?? s.cluster.connectTimeoutMs, undefined, (err, socket) => {
+        if (err !== null || socket === null) {
+          h.active--;
+          s.active--;
+          reject(classify(err, clusterName, h.label));
+          return;
+        }
+        socket.once('close', () => {
+          h.active--;
+          s.active--;
+        });
+        resolve({ socket, endpoint: h.label });
+      });
+    }));
+  }
+}
+
+/** Graceful pool close bounded by `graceMs`, then destroy. */
+async function closePool(pool: Pool, graceMs: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<'late'>((resolve) => {
+    timer = setTimeout(() => resolve('late'), graceMs);
+    timer.unref();
+  });
+  const r = await Promise.race([pool.close().then(() => 'closed' as const), deadline]);
+  clearTimeout(timer);
+  if (r === 'late') await pool.destroy().catch(() => undefined);
+}
+
+/** Maps any error from undici or our connector to an UpstreamError. */
+function classify(err: unknown, cluster: string, endpoint: string | undefined): UpstreamError {
+  if (err instanceof UpstreamError) return err;
+  const e = (err ?? {}) as TaggedError;
+  const code = typeof e.code === 'string' ? e.code : undefined;
+  const msg = typeof e.message === 'string' ? e.message : String(err);
+  const base = { cluster, ...(endpoint !== undefined ? { endpoint } : {}), ...(code !== undefined ? { code } : {}), cause: err };
+  const tagged = e[kReason];
+  if (tagged !== undefined) return new UpstreamError(tagged, msg, base);
+  switch (code) {
+    case 'UND_ERR_HEADERS_TIMEOUT':
+    case 'UND_ERR_BODY_TIMEOUT':
+      return new UpstreamError('upstream_timeout', msg, base);
+    case 'UND_ERR_CONNECT_TIMEOUT':
+      return new UpstreamError('upstream_connect_timeout', msg, base);
+    case 'ECONNREFUSED':
+    case 'EHOSTUNREACH':
+    case 'ENETUNREACH':
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return new UpstreamError('upstream_connect_failed', msg, base);
+    case 'UND_ERR_INVALID_ARG':
+    case 'UND_ERR_NOT_SUPPORTED':
+      return new UpstreamError('internal_error', msg, base);
+    default:
+      return new UpstreamError('upstream_reset', msg, base);
+  }
+}
+
+/** One upstream request: undici's handler on one side, our UpstreamHandler on the other. */
+class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
+  #controller: Dispatcher.DispatchController | undefined;
+  #state: ClusterState | undefined;
+  #host: Host | undefined;
+  #done = false;
+  #abortErr: Error | undefined;
+  aborted = false;
+  #pending = false;
+  #paused = false;
+
+  constructor(
+    private readonly clusterName: string,
+    private readonly handler: UpstreamHandler,
+  ) {}
+
+  get endpoint(): string | undefined {
+    return this.#host?.label;
+  }
+
+  /** Counts the request on its cluster (active and pending until undici writes it). */
+  begin(s: ClusterState): void {
+    this.#state = s;
+    s.active++;
+    s.pending++;
+    this.#pending = true;
+  }
+
+  attach(h: Host): void {
+    this.#host = h;
+    h.active++;
+  }
+
+  abortError(): UpstreamError {
+    return this.#abortErr instanceof UpstreamError ? this.#abortErr
+      : new UpstreamError('upstream_reset', 'request aborted', { cluster: this.clusterName, code: 'ABORTED', ...(this.#host !== undefined ? { endpoint: this.#host.label } : {}), cause: this.#abortErr });
+  }
+
+  /** Ends the exchange with an error, asynchronously (never inside dispatch). */
+  fail(err: UpstreamError): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.#release();
+    queueMicrotask(() => this.handler.onError(this, err));
+  }
+
+  #release(): void {
+    const s = this.#state;
+    if (s === undefined) return;
+    this.#state = undefined;
+    s.active--;
+    if (this.#pending) s.pending--;
+    this.#pending = false;
+    if (this.#host !== undefined) this.#host.active--;
+  }
+
+  pause(): void {
+    this.#paused = true;
+    this.#controller?.pause();
+  }
+
+  resume(): void {
+    this.#paused = false;
+    this.#controller?.resume();
+  }
+
+  abort(err?: Error): void {
+    if (this.aborted || this.#done) return;
+    this.aborted = true;
+    this.#abortErr = err;
+    // Before undici took the request there is nothing to cancel; #send sees `aborted`.
+    this.#controller?.abort(err ?? new Error('aborted'));
+  }
+
+  // ---- undici DispatchHandler
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.#controller = controller;
+    if (this.#pending && this.#state !== undefined) {
+      this.#state.pending--;
+      this.#pending = false;
+    }
+    if (this.aborted) controller.abort(this.#abortErr ?? new Error('aborted'));
+    else if (this.#paused) controller.pause();
+  }
+
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
+    this.#controller = controller;
+    if (statusCode < 200 || this.#done) return;
+    this.handler.onHeaders(this, statusCode, headers);
+  }
+
+  onResponseData(_controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    if (!this.#done) this.handler.onData(this, chunk);
+  }
+
+  onResponseEnd(_controller: Dispatcher.DispatchController, trailers: Record<string, string | string[] | undefined>): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.#release();
+    this.handler.onEnd(this, trailers);
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
+    if (this.#done) return;
+    this.#done = true;
+    const endpoint = this.#host?.label;
+    this.#release();
+    const e = this.aborted && err === this.#abortErr ? this.abortError() : classify(err, this.clusterName, endpoint);
+    this.handler.onError(this, e);
+  }
+}
