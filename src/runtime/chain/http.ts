@@ -781,7 +781,7 @@ class HttpExchange implements UpstreamHandler {
       peerUriSan: facts?.uriSan,
       method: req.method,
       authority: this.#authority,
-      path: req.url,
+      path: this.#path,
       protocol: this.#isH2 ? 'HTTP/2' : `HTTP/${req.httpVersion}`,
       status: this.#status,
       bytesReceived: this.#bytesReceived,
