@@ -160,7 +160,8 @@ export function nginxTlsServer(o: NginxTlsServerOptions): string {
     '"alpn":"$ssl_alpn_protocol"',
     '"host":"$host"',
     '"request_uri":"$request_uri"',
-    '"server_port":"$server_port"}',
+    '"server_port":"$server_port"',
+    '"session_reused":"$ssl_session_reused"}',
   ].join(',');
   const lines = [
     'server {',

@@ -75,7 +75,7 @@ before(async () => {
   const routes = [
     ['simple.local', 'secure.example.com'], ['sni.local', 'sni-override.example.com'], ['wrongca.local', 'wrongca.example.com'],
     ['wrongsan.local', 'san.example.com'], ['insecure.local', 'insecure.example.com'], ['mtls-files.local', 'mtls-files.example.com'],
-    ['mtls-cred.local', 'mtls-cred.example.com'], ['plain.local', 'plain.example.com'],
+    ['mtls-cred.local', 'mtls-cred.example.com'], ['plain.local', 'plain.example.com'], ['resume.local', 'resume.example.com'],
   ];
   let yaml = `apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -109,6 +109,17 @@ ${routes.map(([h, d]) => `  - match: [{authority: {exact: "${h}"}}]\n    route: 
     '{mode: MUTUAL, credentialName: client-credential, sni: my-nginx.mesh-external.svc.cluster.local}');
   yaml += '---\n' + writeSecretYaml('client-credential', 'istio-system', 'Opaque', { 'tls.crt': client.certPem, 'tls.key': client.keyPem, 'ca.crt': ca.certPem });
   yaml += se('plain', 'plain.example.com', 443, pSimple);
+  // One request per connection, so the second request needs a new handshake: it should resume.
+  yaml += se('resume', 'resume.example.com', 443, pSimple) + `---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: resume, namespace: istio-system}
+spec:
+  host: resume.example.com
+  trafficPolicy:
+    connectionPool: {http: {maxRequestsPerConnection: 1}}
+    tls: {mode: SIMPLE, caCertificates: ${ca.cert}, sni: secure.example.com}
+`;
   yaml += se('tlsecho', 'tlsecho.example.com', 443, pStream, 'TCP') + dr('tlsecho', 'tlsecho.example.com', `{mode: SIMPLE, caCertificates: ${ca.cert}}`);
   await writeFile(path.join(dir, 'gw.yaml'), yaml);
   gw = await startTlsgate({ configPaths: [path.join(dir, 'gw.yaml')] });
@@ -145,6 +156,13 @@ test('wrong CA and SAN mismatch give 503 with reason upstream_tls_failed; nothin
     const entry = await gw.waitForAccessLog((e) => e.authority === h && e.status === 503);
     assert.equal(entry.reason, 'upstream_tls_failed');
   }
+});
+
+test('upstream TLS sessions are resumed on new connections', async () => {
+  // nginx reports "r" for a resumed handshake and "." for a full one.
+  let reused = false;
+  for (let i = 0; i < 5 && !reused; i++) reused = JSON.parse((await via('resume.local')).body).session_reused === 'r';
+  assert.ok(reused, 'a later connection resumed the TLS session');
 });
 
 test('insecureSkipVerify passes', async () => {

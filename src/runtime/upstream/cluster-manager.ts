@@ -19,7 +19,7 @@
  * keeps the pools (and their warm connections) of endpoints that did not change and closes the
  * others gracefully (in-flight requests finish).
  */
-import { X509Certificate } from 'node:crypto';
+import { X509Certificate, createHash } from 'node:crypto';
 import * as net from 'node:net';
 import type { Readable } from 'node:stream';
 import { Readable as ReadableStream } from 'node:stream';
@@ -214,7 +214,8 @@ export function tlsConnectOptions(
     }
   }
 
-  const cacheKey = `${t.validationCa}|${t.clientCertificate ?? ''}|${t.minVersion}|${t.maxVersion}|${t.insecureSkipVerify}`;
+  // Keyed by content, not only by name: a rotated client certificate or CA gets a new context.
+  const cacheKey = createHash('sha256').update(`${t.minVersion}|${t.maxVersion}|${t.insecureSkipVerify}\0${ca ?? ''}\0${cert ?? ''}\0${key ?? ''}`).digest('hex');
   let secureContext: tls.SecureContext;
   try {
     secureContext = opts.cache !== undefined
@@ -544,7 +545,12 @@ export class ClusterManager {
     const target = h.address.startsWith('/') ? { path: h.address } : { host: h.address, port: h.port };
     let socket: net.Socket;
     if (tlsOpts !== undefined) {
-      const ts = tls.connect({ ...target, ...tlsOpts });
+      // TLS session resumption toward this endpoint and name: a resumed handshake skips the
+      // certificate exchange and most of the CPU of a full one.
+      const sessionKey = `${h.address}|${h.port}|${tlsOpts.servername ?? ''}|${tlsOpts.secureContext ? contextId(tlsOpts.secureContext) : ''}`;
+      const session = upstreamSessions.get(sessionKey);
+      const ts = tls.connect({ ...target, ...tlsOpts, ...(session ? { session } : {}) });
+      ts.on('session', (sess: Buffer) => rememberSession(sessionKey, sess));
       socket = ts;
       ts.once('secureConnect', () => {
         // rejectUnauthorized already destroyed a socket whose chain failed; this covers the rest.
@@ -880,4 +886,22 @@ class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
     const e = this.aborted && err === this.#abortErr ? this.abortError() : classify(err, this.clusterName, endpoint);
     this.handler.onError(this, e);
   }
+}
+
+/** Upstream TLS sessions, bounded; keyed by endpoint, SNI and the secure context used. */
+const upstreamSessions = new Map<string, Buffer>();
+const MAX_UPSTREAM_SESSIONS = 1024;
+
+function rememberSession(key: string, sess: Buffer): void {
+  upstreamSessions.delete(key);
+  upstreamSessions.set(key, sess);
+  if (upstreamSessions.size > MAX_UPSTREAM_SESSIONS) upstreamSessions.delete(upstreamSessions.keys().next().value as string);
+}
+
+const contextIds = new WeakMap<tls.SecureContext, number>();
+let nextContextId = 1;
+function contextId(c: tls.SecureContext): number {
+  let id = contextIds.get(c);
+  if (id === undefined) contextIds.set(c, (id = nextContextId++));
+  return id;
 }
