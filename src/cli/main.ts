@@ -2,9 +2,7 @@
  * The tlsgate command line: run, validate, demo.
  */
 import { Command, Option, InvalidArgumentError } from 'commander';
-import { runCommand } from './run.js';
-import { validateCommand } from './validate.js';
-import { demoCommand } from './demo.js';
+// Commands are imported when they run: `validate` should not pay for the data plane's modules.
 
 function int(name: string) {
   return (v: string) => {
@@ -48,6 +46,7 @@ program.command('run')
   .option('--client-hello-timeout <duration>', 'how long to wait for a ClientHello', duration, 15000)
   .option('--no-watch', 'do not watch the config paths and certificate files for changes (SIGHUP still reloads)')
   .action(async (o) => {
+    const { runCommand } = await import('./run.js');
     process.exitCode = await runCommand({
       config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress,
       bindAddress: o.bindAddress ?? (o.sidecar ? '127.0.0.1' : '0.0.0.0'),
@@ -65,6 +64,7 @@ program.command('validate')
   .option('--labels <k=v,...>', 'validate as a proxy with these workload labels')
   .option('-q, --quiet', 'do not print info notices (skipped documents)')
   .action(async (o) => {
+    const { validateCommand } = await import('./validate.js');
     process.exitCode = await validateCommand({ config: o.config, namespace: o.namespace, labels: o.labels, quiet: o.quiet });
   });
 
@@ -93,6 +93,7 @@ program.command('demo')
   .description('run the quickstart demo: a gateway on an embedded config with generated certificates and an echo upstream')
   .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)
   .action(async (o) => {
+    const { demoCommand } = await import('./demo.js');
     process.exitCode = await demoCommand({ adminPort: o.adminPort });
   });
 

@@ -29,7 +29,9 @@ export async function buildSnapshot(paths: string[], options: Partial<TranslateO
       if ('error' in r && typeof r.error === 'string') {
         all.push({ code: 'TG3019', severity: 'error', message: r.error, ...(origin ? { resource: origin.resource, path: origin.path } : {}) });
       } else if ('warnings' in r) {
-        for (const w of r.warnings) all.push({ code: 'TG5004', severity: 'warning', message: w });
+        for (const w of r.warnings) {
+          all.push({ code: /readable/.test(w) ? 'TG5004' : 'TG5007', severity: 'warning', message: w, ...(origin ? { resource: origin.resource, path: origin.path } : {}) });
+        }
       }
     }
   }

@@ -116,4 +116,5 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   TG5004: 'key file is readable by other users',
   TG5005: 'TLS version below 1.2 enabled',
   TG5006: 'PASSTHROUGH mode does not use certificates: they are ignored',
+  TG5007: 'certificate material works but deserves a look (a CA used as a leaf, an expired CA in a bundle, ...)',
 };

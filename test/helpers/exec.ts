@@ -316,7 +316,9 @@ export function parseSClient(
     peerCert = { subject: opensslOneLine(x509.subject), issuer: opensslOneLine(x509.issuer), x509, pem };
   }
   const alertNumber = /SSL alert number (\d+)/.exec(all)?.[1];
-  const alertDescription = /(?:sslv3|tlsv1|tlsv13) alert ([a-z ]+?)(?::|$)/m.exec(all)?.[1]?.trim();
+  // OpenSSL names most alerts 'tlsv1 alert <name>', a few without the word (e.g. 'tlsv1 unrecognized name' for 112).
+  const alertDescription = (/(?:sslv3|tlsv1|tlsv13) alert ([a-z ]+?)(?::|$)/m.exec(all) ??
+    /tlsv1 (unrecognized name|unsupported extension|certificate unobtainable|bad certificate status response|bad certificate hash value)(?::|$)/m.exec(all))?.[1]?.trim();
   return {
     handshake,
     protocol,

@@ -87,6 +87,13 @@ export async function startTlsgate(opts: StartTlsgateOptions): Promise<Gateway> 
   const args = [main, 'run'];
   for (const p of opts.configPaths) args.push('--config', p);
   args.push('--admin-port', String(adminPort), '--admin-address', '127.0.0.1', ...(opts.args ?? []));
+  // Test defaults unless the caller chose: listeners on loopback only, and no drain grace so
+  // stop() is fast (the CLI default keeps accepting for 5 s after SIGTERM).
+  if (opts.main === undefined) {
+    const given = opts.args ?? [];
+    if (!given.includes('--bind-address')) args.push('--bind-address', '127.0.0.1');
+    if (!given.includes('--drain-grace')) args.push('--drain-grace', '0');
+  }
 
   const child = spawn(process.execPath, args, {
     cwd: opts.cwd ?? REPO_ROOT,

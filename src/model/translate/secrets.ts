@@ -56,7 +56,7 @@ export function resolveCredential(
   const secret = findSecret(ctx, ref, ownerNs);
   if (!secret) {
     ctx.error('TG3003', owner, fieldPath, `Secret "${ref}" not found in namespace "${ctx.options.proxyNamespace}" (the proxy's) or "${ownerNs}"`,
-      'add a v1 Secret with tls.crt/tls.key (or cert/key) to the config, or fix the name');
+      'add a v1 Secret with tls.crt/tls.key (or cert/key) to the config, or fix the name (tlsgate reads Secrets from its config; reading them from the Kubernetes API is not supported yet)');
     return undefined;
   }
   const ns = secret.metadata.namespace;
