@@ -6,7 +6,7 @@
  *   ca rotate-root  new signing root, old one kept in the trust bundle
  * The mesh code is imported when a command runs, so other commands do not pay for it.
  */
-import { Command, InvalidArgumentError } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 
 function durationMs(name: string) {
   return (v: string): number => {
@@ -126,7 +126,7 @@ export function registerCaCommands(program: Command): void {
     .requiredOption('--dir <dir>', 'CA directory')
     .requiredOption('--namespace <ns>', 'namespace of the identity')
     .requiredOption('--service-account <sa>', 'service account of the identity')
-    .option('--ttl <duration>', 'how long the token is accepted (e.g. 1h, 7d)', durationMs('--ttl'), 3_600_000)
+    .addOption(new Option('--ttl <duration>', 'how long the token is accepted (e.g. 1h, 7d)').argParser(durationMs('--ttl')).default(3_600_000, '1h'))
     .action(async (o) => {
       process.exitCode = await caToken({ dir: o.dir, namespace: o.namespace, serviceAccount: o.serviceAccount, ttl: o.ttl });
     });
@@ -136,7 +136,7 @@ export function registerCaCommands(program: Command): void {
     .requiredOption('--dir <dir>', 'CA directory')
     .option('--port <port>', 'listen port', port, 15012)
     .option('--address <addr>', 'listen address', '127.0.0.1')
-    .option('--workload-cert-ttl <duration>', 'longest workload certificate lifetime (e.g. 24h, 20s)', durationMs('--workload-cert-ttl'), 86_400_000)
+    .addOption(new Option('--workload-cert-ttl <duration>', 'longest workload certificate lifetime (e.g. 24h, 20s)').argParser(durationMs('--workload-cert-ttl')).default(86_400_000, '24h'))
     .option('--san <name>', 'another DNS name or IP for the serving certificate (repeatable)', collect, [] as string[])
     .action(async (o) => {
       process.exitCode = await caServe({ dir: o.dir, port: o.port, address: o.address, workloadCertTtl: o.workloadCertTtl, san: o.san });

@@ -120,6 +120,7 @@ export class ClusterBuilder {
       }
       const tls = layers.get('tls') as ClientTlsSettings | undefined;
       if (tls) {
+        this.#sniDefault = `outbound_.${port}_.${subset}_.${svc.host}`;
         const up = this.#upstreamTls(tls, dr, drPath('tls'), svc.host, ref.carries, cluster.httpProtocol);
         if (up === null) return undefined;
         if (up) {
@@ -133,8 +134,39 @@ export class ClusterBuilder {
         }
       }
     }
+    // Auto mTLS: with no TLS setting from a DestinationRule, endpoints that carry the
+    // `security.istio.io/tlsMode: istio` label get Istio mTLS, as Istio's proxies do.
+    const drTls = dr ? layers.get('tls') as ClientTlsSettings | undefined : undefined;
+    if (!drTls && cluster.endpoints.length > 0 && cluster.endpoints.every((e) => e.labels['security.istio.io/tlsMode'] === 'istio')) {
+      this.#sniDefault = `outbound_.${port}_.${subset}_.${svc.host}`;
+      cluster.tls = this.istioMutual(svc.host, ref.carries, cluster.httpProtocol, undefined, undefined);
+    }
     this.clusters[name] = cluster;
     return name;
+  }
+
+  #sniDefault = '';
+
+  /**
+   * ISTIO_MUTUAL origination: the proxy's workload certificate, the mesh roots, SNI `sni` or
+   * `outbound_.<port>_.<subset>_.<host>`, Istio's mTLS ALPN. With no subjectAltNames any identity
+   * issued by the mesh CA is accepted (the chain is verified; names are not).
+   */
+  istioMutual(host: string, carries: 'http' | 'tcp', httpProtocol: 'http1' | 'h2', sni: string | undefined, sans: string[] | undefined): UpstreamTlsContext {
+    void host;
+    return {
+      mode: 'ISTIO_MUTUAL',
+      sni: sni ?? this.#sniDefault,
+      autoSni: false,
+      validationCa: this.ctx.addSecret({ name: 'mesh-roots', source: { kind: 'mesh-roots' } }),
+      clientCertificate: this.ctx.addSecret({ name: 'workload', source: { kind: 'workload' } }),
+      subjectAltNames: sans ?? [],
+      autoSanValidation: false,
+      insecureSkipVerify: false,
+      alpn: carries === 'http' ? (httpProtocol === 'h2' ? ['istio-h2', 'istio', 'h2'] : ['istio-http/1.1', 'istio']) : ['istio-peer-exchange', 'istio'],
+      minVersion: 'TLSv1.2',
+      maxVersion: 'TLSv1.3',
+    };
   }
 
   #once(dr: DestinationRuleResource, key: string, fn: () => void): void {
@@ -267,10 +299,7 @@ export class ClusterBuilder {
     const { ctx } = this;
     const mode = tls.mode ?? 'DISABLE';
     if (mode === 'DISABLE') return undefined;
-    if (mode === 'ISTIO_MUTUAL') {
-      this.#once(dr, path + '.mode', () => ctx.error('TG4001', dr, `${path}.mode`, 'not supported yet: ISTIO_MUTUAL origination (comes with the mesh)', 'valid values here: DISABLE, SIMPLE, MUTUAL'));
-      return null;
-    }
+    if (mode === 'ISTIO_MUTUAL') return this.istioMutual(host, carries, httpProtocol, tls.sni, tls.subjectAltNames);
     let ok = true;
     const bad = (field: string, msg: string, hint?: string) => { ok = false; this.#once(dr, `${path}.${field}`, () => ctx.error('TG3021', dr, `${path}.${field}`, msg, hint)); };
     if (tls.credentialName && (tls.clientCertificate || tls.privateKey || tls.caCertificates || tls.caCrl)) {

@@ -146,7 +146,7 @@ function validateServer(ctx: TranslateContext, gw: GatewayResource, gwKey: strin
     }
     const mode = tls.mode ?? 'PASSTHROUGH';
     if (cls === 'tls') {
-      if (mode === 'AUTO_PASSTHROUGH' || mode === 'ISTIO_MUTUAL') {
+      if (mode === 'AUTO_PASSTHROUGH') {
         ctx.error('TG4001', gw, `${path}.tls.mode`, `not supported yet: tls.mode ${mode}`, 'supported now: SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH');
         ok = false;
       }

@@ -27,8 +27,9 @@ const ORDER: TlsVersion[] = ['TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3'];
 export function downstreamTls(
   ctx: TranslateContext, gw: GatewayResource, path: string, tls: ServerTlsSettings, protocol: string,
 ): DownstreamTlsContext | null {
-  const mode = tls.mode as 'SIMPLE' | 'MUTUAL' | 'OPTIONAL_MUTUAL';
   const p = `${path}.tls`;
+  if (tls.mode === 'ISTIO_MUTUAL') return istioMutualServer(ctx, gw, p, tls, protocol);
+  const mode = tls.mode as 'SIMPLE' | 'MUTUAL' | 'OPTIONAL_MUTUAL';
   let ok = true;
   const err = (field: string, msg: string, hint?: string) => { ok = false; ctx.error('TG3002', gw, `${p}.${field}`, msg, hint); };
   const sources = [
@@ -147,4 +148,40 @@ export function downstreamTls(
   if (validationCa && mutual) out.validationCa = validationCa;
   if (crl && mutual) out.crl = crl;
   return out;
+}
+
+/** Istio's mTLS ALPN values (client side offers them; inbound chains match on them). */
+export const ISTIO_MTLS_ALPNS = ['istio', 'istio-peer-exchange', 'istio-http/1.0', 'istio-http/1.1', 'istio-h2'];
+
+/**
+ * ISTIO_MUTUAL on a Gateway server: the proxy's own workload certificate, clients verified
+ * against the mesh roots and required. Every certificate field must be empty (istiod's rule).
+ */
+function istioMutualServer(ctx: TranslateContext, gw: GatewayResource, p: string, tls: ServerTlsSettings, protocol: string): DownstreamTlsContext | null {
+  let ok = true;
+  for (const f of ['serverCertificate', 'privateKey', 'caCertificates', 'caCrl', 'credentialName', 'credentialNames', 'caCertCredentialName', 'tlsCertificates'] as const) {
+    const v = tls[f];
+    if (v !== undefined && (!Array.isArray(v) || v.length > 0)) {
+      ctx.error('TG3002', gw, `${p}.${f}`, `ISTIO_MUTUAL TLS cannot have ${f}: it uses the proxy's workload certificate and the mesh roots`, 'remove the field, or use MUTUAL with your own certificates');
+      ok = false;
+    }
+  }
+  if (!ok) return null;
+  return {
+    mode: 'ISTIO_MUTUAL',
+    certificates: [ctx.addSecret({ name: 'workload', source: { kind: 'workload' } })],
+    validationCa: ctx.addSecret({ name: 'mesh-roots', source: { kind: 'mesh-roots' } }),
+    requestClientCertificate: true,
+    requireClientCertificate: true,
+    allowInvalidClientCertificate: false,
+    matchSubjectAltNames: tls.subjectAltNames ?? [],
+    verifyCertificateSpki: [],
+    verifyCertificateHash: [],
+    minVersion: 'TLSv1.2',
+    maxVersion: 'TLSv1.3',
+    cipherSuites: [],
+    ecdhCurves: [],
+    // Istio: HTTP servers offer h2/http1.1; TLS (TCP) servers add istio-peer-exchange.
+    alpn: protocol === 'HTTPS' ? ['h2', 'http/1.1'] : ['istio-peer-exchange', 'h2', 'http/1.1', 'istio'],
+  };
 }
