@@ -13,10 +13,10 @@ function int(name: string) {
 }
 
 function duration(v: string): number {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(v.trim());
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(v.trim());
   if (!m) throw new InvalidArgumentError('expected a duration such as 500ms, 5s or 1m');
   const n = Number(m[1]);
-  return m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000;
+  return m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : m[2] === 'h' ? n * 3_600_000 : n * 1000;
 }
 
 function collect(v: string, prev: string[]): string[] {
@@ -36,7 +36,15 @@ program.command('run')
   .option('--admin-address <addr>', 'admin server address (privileged: keep it on loopback)', '127.0.0.1')
   .option('--bind-address <addr>', 'address listeners bind unless a server sets bind (default 0.0.0.0; 127.0.0.1 for --sidecar)')
   .option('--sidecar', 'run as a sidecar: serve the mesh (VirtualServices bound to mesh, ServiceEntries) instead of Gateways')
-  .option('--outbound-port <port>', 'sidecar: the HTTP proxy port the app uses through HTTP_PROXY', int('--outbound-port'), 15001)
+  .option('--outbound-port <port>', 'sidecar: the HTTP proxy port the app uses through HTTP_PROXY/HTTPS_PROXY', int('--outbound-port'), 15001)
+  .option('--inbound-port <port>', 'sidecar: the port that terminates mesh mTLS for the app', int('--inbound-port'), 15006)
+  .option('--app-port <port>', 'sidecar: the app\'s plaintext port on 127.0.0.1 (enables the inbound side)', int('--app-port'))
+  .option('--service-account <sa>', 'mesh identity: the service account (with --namespace)', 'default')
+  .option('--ca-dir <dir>', 'mesh identity: sign workload certificates locally from this CA directory')
+  .option('--ca-url <url>', 'mesh identity: a `tlsgate ca serve` URL')
+  .option('--ca-token <token>', 'mesh identity: the bootstrap token from `tlsgate ca token`')
+  .option('--ca-root <file>', 'mesh identity: the CA root that signs the CA server\'s certificate')
+  .option('--workload-cert-ttl <duration>', 'mesh identity: requested certificate lifetime', duration)
   .option('--labels <k=v,...>', 'this proxy\'s workload labels: serve only Gateways whose selector matches')
   .option('--namespace <ns>', 'the proxy\'s own namespace (credentialName Secrets are looked up here first)', 'istio-system')
   .option('--access-log <where>', 'stdout, off, or a file path', 'stdout')
@@ -50,7 +58,9 @@ program.command('run')
     process.exitCode = await runCommand({
       config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress,
       bindAddress: o.bindAddress ?? (o.sidecar ? '127.0.0.1' : '0.0.0.0'),
-      sidecar: o.sidecar === true, outboundPort: o.outboundPort,
+      sidecar: o.sidecar === true, outboundPort: o.outboundPort, inboundPort: o.inboundPort, appPort: o.appPort,
+      serviceAccount: o.serviceAccount, caDir: o.caDir, caUrl: o.caUrl, caToken: o.caToken, caRoot: o.caRoot,
+      workloadCertTtlMs: o.workloadCertTtl,
       labels: o.labels, namespace: o.namespace, accessLog: o.accessLog, logLevel: o.logLevel,
       drainGraceMs: o.drainGrace, drainTimeoutMs: o.drainTimeout, clientHelloTimeoutMs: o.clientHelloTimeout,
       watch: o.watch,

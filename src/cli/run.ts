@@ -21,6 +21,7 @@ import { PromTelemetry } from '../admin/telemetry.js';
 import { startAdminServer } from '../admin/server.js';
 import { FileSource } from '../sources/file-source.js';
 import { buildSnapshot, parseLabels } from './pipeline.js';
+import { WorkloadIdentity } from '../mesh/identity.js';
 
 export interface RunOptions {
   config: string[];
@@ -39,6 +40,16 @@ export interface RunOptions {
   /** Sidecar role: an outbound HTTP proxy for the app instead of Gateways. */
   sidecar?: boolean;
   outboundPort?: number;
+  /** Sidecar inbound: terminate mesh mTLS on this port and forward to 127.0.0.1:appPort. */
+  inboundPort?: number;
+  appPort?: number;
+  /** Mesh identity: the service account, and where certificates come from. */
+  serviceAccount?: string;
+  caDir?: string;
+  caUrl?: string;
+  caToken?: string;
+  caRoot?: string;
+  workloadCertTtlMs?: number;
 }
 
 export interface ApplyRecord {
@@ -89,12 +100,33 @@ function blockingErrors(ds: Diagnostic[]): Diagnostic[] {
 
 export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream = process.stderr): Promise<RunningGateway | undefined> {
   const labels = parseLabels(opts.labels);
+  // A mesh identity (SPIFFE workload certificate) when a CA is given.
+  let identity: WorkloadIdentity | undefined;
+  if (opts.caDir || opts.caUrl) {
+    try {
+      identity = await WorkloadIdentity.fromFlags({
+        namespace: opts.namespace, serviceAccount: opts.serviceAccount ?? 'default',
+        ...(opts.caDir ? { caDir: opts.caDir } : {}), ...(opts.caUrl ? { caUrl: opts.caUrl } : {}),
+        ...(opts.caToken ? { caToken: opts.caToken } : {}), ...(opts.caRoot ? { caRoot: opts.caRoot } : {}),
+        ...(opts.workloadCertTtlMs ? { ttlMs: opts.workloadCertTtlMs } : {}),
+      });
+    } catch (e) {
+      out.write(`tlsgate: cannot obtain a workload certificate: ${(e as Error).message}\n`);
+      return undefined;
+    }
+  }
+  const sidecar = opts.sidecar ? {
+    outboundAddress: opts.bindAddress,
+    outboundPort: opts.outboundPort ?? 15001,
+    ...(opts.appPort ? { inbound: { address: opts.bindAddress, port: opts.inboundPort ?? 15006, appPort: opts.appPort } } : {}),
+  } : undefined;
   const translateOptions = {
     proxyNamespace: opts.namespace,
     bindAddress: opts.bindAddress,
     clientHelloTimeoutMs: opts.clientHelloTimeoutMs,
     ...(labels ? { labels } : {}),
-    ...(opts.sidecar ? { sidecar: { outboundAddress: opts.bindAddress, outboundPort: opts.outboundPort ?? 15001 } } : {}),
+    ...(sidecar ? { sidecar } : {}),
+    ...(identity ? { identity: identity.spiffeId } : {}),
   };
   const first = await buildSnapshot(opts.config, translateOptions);
   for (const d of first.diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');
@@ -107,6 +139,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   }
   const telemetry = new PromTelemetry({ accessLog: opts.accessLog, logLevel: opts.logLevel });
   const dataPlane = new DataPlane({ telemetry });
+  identity?.registerWith(dataPlane.certStore);
   let draining = false;
   let lastApply: ApplyRecord | undefined;
   let servingDiagnostics: Diagnostic[] = first.diagnostics;
@@ -122,6 +155,10 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   for (const w of applied.warnings) out.write(`warning: ${w}\n`);
   if (!applied.ok) {
     for (const e of applied.errors) out.write(`error: ${e}\n`);
+    if (applied.errors.some((e) => /workload|mesh-roots/.test(e)) && !identity) {
+      out.write('hint: ISTIO_MUTUAL needs a mesh identity: start with --ca-dir <dir> (or --ca-url, --ca-token, --ca-root) and --service-account\n');
+    }
+    identity?.close();
     out.write('tlsgate: could not start; nothing is served\n');
     await new Promise<void>((r) => admin.close(() => r()));
     return undefined;
@@ -183,6 +220,17 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     return reloading;
   };
 
+  // A renewed workload certificate: re-apply the serving snapshot so new handshakes use it
+  // (contexts are keyed by certificate content); open connections keep theirs.
+  identity?.onRotate((e) => {
+    const snap = dataPlane.snapshot;
+    if (!snap) return;
+    void dataPlane.apply(snap).then((r) => {
+      telemetry.log(r.ok ? 'info' : 'warn', r.ok ? 'workload certificate rotated' : 'workload certificate rotation not applied', { spiffeId: e.spiffeId, serial: e.serial, errors: r.errors });
+      if (r.ok) record({ trigger: 'certificate-rotation', ok: true, message: `workload certificate ${e.serial} in use`, diagnostics: [] });
+    });
+  });
+
   let source: FileSource | undefined;
   if (opts.watch !== false) {
     source = new FileSource(opts.config, () => void reload('change'), { pollMs: 500 });
@@ -203,6 +251,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
         await sleep(50);
       }
       await dataPlane.close();
+      identity?.close();
       telemetry.flush();
       const closed = new Promise<void>((r) => admin.close(() => r()));
       admin.closeAllConnections();

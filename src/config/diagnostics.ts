@@ -107,6 +107,7 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   TG3022: 'tcp route bound to a server that does not carry TCP',
   TG3023: 'ServiceEntry configuration is invalid',
   TG3024: 'a Gateway selected no servers to serve (selector does not match --labels)',
+  TG3025: 'AUTO_PASSTHROUGH server covers no mesh-internal ServiceEntry: every connection to it is closed',
   // TG4xxx: not supported yet
   TG4001: 'not supported yet: the field or mode is accepted by Istio but tlsgate does not implement it yet',
   // TG5xxx: security warnings

@@ -181,6 +181,23 @@ export interface HttpConnectionManager {
    * the app's HTTP_PROXY); the authority's port (80 when absent) is the port routes match on.
    */
   forwardProxy?: boolean;
+  /**
+   * Sidecar outbound: how `CONNECT host:port` tunnels (the app's HTTPS_PROXY) are routed, in
+   * order. A route with serverNames needs the tunnelled ClientHello's SNI; one with hosts is
+   * chosen by the CONNECT target host.
+   */
+  connectRoutes?: ConnectTunnelRoute[];
+}
+
+export interface ConnectTunnelRoute {
+  name: string;
+  /** CONNECT target port; undefined = any. */
+  port?: number;
+  /** SNI patterns (VirtualService tls[].match[].sniHosts); empty = not chosen by SNI. */
+  serverNames: string[];
+  /** CONNECT target host patterns (tcp routes, ServiceEntry hosts); empty = not chosen by host. */
+  hosts: string[];
+  proxy: TcpProxy;
 }
 
 // ---------------------------------------------------------------- TCP

@@ -14,6 +14,7 @@ import { CertStore } from './pki/cert-store.js';
 import { SecureContextCache } from './pki/context-cache.js';
 import { ClusterManager } from './upstream/cluster-manager.js';
 import { createHttpHandler } from './chain/http.js';
+import { handleConnect } from './chain/connect.js';
 
 export interface ApplyResult {
   ok: boolean;
@@ -65,6 +66,11 @@ class Generation implements ChainRuntime {
       };
       const h1 = http.createServer({ keepAliveTimeout: 60_000, headersTimeout: 60_000, requestTimeout: 300_000 }, h1Handler);
       h1.on('clientError', (_e, sock) => sock.destroy());
+      const tunnels = chain.filter.connectRoutes;
+      if (tunnels?.length) {
+        h1.on('connect', (req: http.IncomingMessage, sock: net.Socket, head: Buffer) =>
+          handleConnect(tunnels, req, sock, head, { clusters: this.clusters, telemetry: this.telemetry, clientHelloTimeoutMs: listener.clientHelloTimeoutMs }));
+      }
       s = { h1 };
       if (chain.tls) {
         // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
@@ -81,7 +87,8 @@ class Generation implements ChainRuntime {
     }
     // ALPN decided the protocol during our handshake: h2 goes to the HTTP/2 server, anything
     // else (http/1.1 or no ALPN) to the HTTP/1.1 server, exactly as an https.Server would.
-    if (s.h2 && (socket as { alpnProtocol?: string | false }).alpnProtocol === 'h2') {
+    const alpn = (socket as { alpnProtocol?: string | false }).alpnProtocol;
+    if (s.h2 && (alpn === 'h2' || alpn === 'istio-h2')) {
       s.h2.emit('connection', socket);
     } else {
       s.h1.emit('connection', socket);

@@ -19,8 +19,10 @@ export interface TranslateOptions {
   tcpIdleTimeoutMs: number;
   /** Upstream connect timeout when no DestinationRule sets one (Envoy default 10 s). */
   connectTimeoutMs: number;
-  /** Sidecar role: serve the mesh (outbound proxy) instead of Gateways. */
-  sidecar?: { outboundAddress: string; outboundPort: number };
+  /** Sidecar role: serve the mesh (outbound proxy, inbound mTLS) instead of Gateways. */
+  sidecar?: { outboundAddress: string; outboundPort: number; inbound?: { address: string; port: number; appPort: number } };
+  /** The proxy's own SPIFFE identity, when it has one (XFCC By=). */
+  identity?: string;
 }
 
 export const DEFAULT_TRANSLATE_OPTIONS: TranslateOptions = {

@@ -15,6 +15,7 @@ import type { TranslateContext } from './context.js';
 import { checkHostPattern, hostSubsetOf, hostsOverlap, moreSpecific, splitServerHost, fqdn } from './hosts.js';
 import { buildHttpRoutes, matchApplies, normaliseGateways, type BindingScope } from './http-routes.js';
 import { downstreamTls } from './tls-context.js';
+import { autoPassthroughChains } from './auto-passthrough.js';
 
 type ProtocolClass = 'http' | 'tls' | 'tcp';
 
@@ -146,11 +147,7 @@ function validateServer(ctx: TranslateContext, gw: GatewayResource, gwKey: strin
     }
     const mode = tls.mode ?? 'PASSTHROUGH';
     if (cls === 'tls') {
-      if (mode === 'AUTO_PASSTHROUGH') {
-        ctx.error('TG4001', gw, `${path}.tls.mode`, `not supported yet: tls.mode ${mode}`, 'supported now: SIMPLE, MUTUAL, OPTIONAL_MUTUAL, PASSTHROUGH');
-        ok = false;
-      }
-      if (mode === 'PASSTHROUGH' && hasCert) ctx.warn('TG5006', gw, `${path}.tls`, 'PASSTHROUGH mode does not use certificates: they are ignored');
+      if ((mode === 'PASSTHROUGH' || mode === 'AUTO_PASSTHROUGH') && hasCert) ctx.warn('TG5006', gw, `${path}.tls`, `${mode} mode does not use certificates: they are ignored`);
     }
   }
   if (server.bind && server.bind.startsWith('unix://')) { ctx.error('TG4001', gw, `${path}.bind`, 'not supported yet: unix domain socket bind'); ok = false; }
@@ -305,6 +302,15 @@ function tlsChains(ctx: TranslateContext, clusters: ClusterBuilder, servers: Ser
       chains.push(...passthroughChains(ctx, clusters, e, vss, claimed));
       continue;
     }
+    if (mode === 'AUTO_PASSTHROUGH') {
+      const auto = autoPassthroughChains(ctx, clusters, { gw: e.gw, gwNamespace: e.gw.metadata.namespace, gwKey: e.gwKey, path: e.path, port: e.port, hosts: e.hosts }, claimed);
+      if (auto.length === 0) {
+        ctx.warn('TG3025', e.gw, `${e.path}.hosts`, `AUTO_PASSTHROUGH server on port ${e.port} covers no ServiceEntry with location MESH_INTERNAL: every connection to it is closed`,
+          'add a MESH_INTERNAL ServiceEntry whose hosts match the server hosts (e.g. "*.local")');
+      }
+      chains.push(...auto);
+      continue;
+    }
     const names = sniNames(e.hosts);
     const dup = names.find((n) => claimed.has(n)) ?? (names.length === 0 && catchAll.taken ? '*' : undefined);
     if (dup) {
@@ -325,6 +331,7 @@ function tlsChains(ctx: TranslateContext, clusters: ClusterBuilder, servers: Ser
         misdirectedDomains: [],
         forwardClientCertDetails: 'SANITIZE_SET',
         http2: true,
+        ...(ctx.options.identity ? { xfccBy: ctx.options.identity } : {}),
       };
       chains.push({ name: `${e.gwKey}/${e.path}`, match: { serverNames: names, applicationProtocols: [] }, tls, filter: hcm, origin: ctx.origin(e.gw, e.path) });
     } else {
@@ -369,7 +376,7 @@ function passthroughChains(ctx: TranslateContext, clusters: ClusterBuilder, e: S
         if (!proxy) return;
         const fc: FilterChain = {
           name: `${vs.metadata.namespace}/${vs.metadata.name}#tls[${i}].match[${j}]`,
-          match: { serverNames: snis.includes('*') ? [] : snis, applicationProtocols: [] },
+          match: { serverNames: snis.includes('*') ? [] : snis, transportProtocol: 'tls', applicationProtocols: [] },
           filter: proxy,
           origin: ctx.origin(vs, mpath),
         };

@@ -8,7 +8,7 @@ import type { Snapshot } from '../snapshot.js';
 import { ClusterBuilder } from './clusters.js';
 import { DEFAULT_TRANSLATE_OPTIONS, TranslateContext, type TranslateOptions } from './context.js';
 import { buildListeners } from './gateways.js';
-import { buildSidecarOutbound } from './sidecar.js';
+import { buildSidecarInbound, buildSidecarOutbound } from './sidecar.js';
 
 export { DEFAULT_TRANSLATE_OPTIONS, type TranslateOptions } from './context.js';
 
@@ -22,6 +22,11 @@ export function translate(resources: ResourceSet, options: Partial<TranslateOpti
   const ctx = new TranslateContext(resources, opts);
   const clusters = new ClusterBuilder(ctx);
   const listeners = opts.sidecar ? [buildSidecarOutbound(ctx, clusters, opts.sidecar)] : buildListeners(ctx, clusters);
+  if (opts.sidecar?.inbound) {
+    const inbound = buildSidecarInbound(ctx, opts.sidecar.inbound);
+    listeners.push(inbound.listener);
+    clusters.clusters[inbound.cluster.name] = inbound.cluster;
+  }
   for (const pa of resources.peerAuthentications) {
     if (!opts.sidecar) ctx.info('TG4001', pa, 'spec', 'PeerAuthentication applies to sidecars; a gateway does not use it (as in Istio)');
   }

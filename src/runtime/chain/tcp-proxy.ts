@@ -1,8 +1,13 @@
 /**
  * TCP proxying for passthrough chains, TCP servers and TLS-terminated TCP: pick a weighted
- * cluster, connect (with the cluster's timeout, and upstream TLS when the cluster has it), replay
- * the bytes the listener already read, then relay both ways with backpressure (pipe), half-close
- * propagation and an idle timeout. One access-log entry per connection.
+ * cluster, connect (the cluster's connect timeout, and upstream TLS when the cluster has it),
+ * replay the bytes the listener already read, then relay both ways with backpressure (pipe),
+ * half-close propagation and an idle timeout. One access-log entry per connection.
+ *
+ * Closing: each side's FIN is forwarded as a FIN (both sockets are half-open capable), and a
+ * socket closes by itself once both of its directions are done. When one side has closed and the
+ * other still has bytes queued, those bytes are flushed before it is closed too: a bulk download
+ * whose server closes right after the last byte must not lose its tail.
  */
 import type * as net from 'node:net';
 import type { TcpProxy, WeightedCluster } from '../../model/snapshot.js';
@@ -18,6 +23,11 @@ export interface TcpProxyEnv {
   telemetry: Telemetry;
 }
 
+/** How long a side may take to flush its queued bytes once the other side has closed. */
+const FLUSH_GRACE_MS = 30_000;
+/** Offered ALPN lists are client-controlled: the access log keeps a bounded prefix. */
+const MAX_LOGGED_ALPN = 256;
+
 /** Weighted pick over clusters (weights are small integers; no allocation). */
 export function pickWeighted(list: readonly WeightedCluster[], rnd = Math.random): WeightedCluster | undefined {
   if (list.length === 1) return list[0];
@@ -32,20 +42,43 @@ export function pickWeighted(list: readonly WeightedCluster[], rnd = Math.random
   return list[list.length - 1];
 }
 
+function boundedAlpn(info: ConnectionInfo): string | undefined {
+  const s = info.alpn ?? info.alpnOffered?.join(',');
+  return s !== undefined && s.length > MAX_LOGGED_ALPN ? `${s.slice(0, MAX_LOGGED_ALPN)}…` : s || undefined;
+}
+
+/** Closes `s` once everything written to it has been handed to the kernel (bounded wait). */
+function closeAfterFlush(s: net.Socket): void {
+  if (s.destroyed) return;
+  if (!s.writableEnded) s.end();
+  if (s.writableFinished) {
+    s.destroy();
+    return;
+  }
+  const t = setTimeout(() => s.destroy(), FLUSH_GRACE_MS);
+  t.unref();
+  s.once('finish', () => {
+    clearTimeout(t);
+    s.destroy();
+  });
+  s.once('close', () => clearTimeout(t));
+}
+
 export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: TcpProxy, info: ConnectionInfo, env: TcpProxyEnv): void {
   const { telemetry } = env;
   let up: net.Socket | undefined;
   let endpoint = '';
   let reason: Reason = 'ok';
   let done = false;
-  let upBytesIn = 0; // bytes from upstream, for when `up` never existed
+  let downClosed = false;
+  let upClosed = false;
   const target = pickWeighted(proxy.clusters);
   const labels = { listener: info.listener };
 
   const finish = (why?: Reason) => {
+    if (why && reason === 'ok') reason = why;
     if (done) return;
     done = true;
-    if (why && reason === 'ok') reason = why;
     down.destroy();
     up?.destroy();
     telemetry.gauge('downstream_connections_active', -1, labels);
@@ -57,23 +90,33 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       chain: info.chain,
       sni: info.sni,
       ech: info.ech || undefined,
-      alpn: info.alpn ?? info.alpnOffered?.join(','),
+      alpn: boundedAlpn(info),
       tlsVersion: info.tlsVersion,
       peerSubject: info.peerCertificate?.subject?.replace(/\n/g, ','),
       route: proxy.name,
       cluster: target?.cluster,
       upstream: endpoint || undefined,
+      // Downstream view: bytes the client sent us / we sent the client.
       bytesReceived: down.bytesRead,
       bytesSent: down.bytesWritten,
-      upstreamBytesReceived: up ? up.bytesRead : upBytesIn,
+      // Upstream view: bytes we sent the upstream (replay included) / it sent us.
+      upstreamBytesSent: up ? up.bytesWritten : 0,
+      upstreamBytesReceived: up ? up.bytesRead : 0,
       durationMs: Date.now() - info.startMs,
       reason,
     });
     telemetry.count('tcp_connections_total', { listener: info.listener, reason });
   };
 
+  // A FIN from the client must reach the upstream without closing our write side (the listener
+  // already accepts half-open sockets; a terminated TLSSocket needs it set here).
+  down.allowHalfOpen = true;
   down.on('error', () => finish('downstream_reset'));
-  down.on('close', () => finish());
+  down.on('close', () => {
+    downClosed = true;
+    if (!up || upClosed) finish();
+    else closeAfterFlush(up);
+  });
   down.pause();
   telemetry.gauge('downstream_connections_active', 1, labels);
 
@@ -85,13 +128,23 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   env.clusters.connectTcp(target.cluster, {}).then(
     ({ socket, endpoint: ep }) => {
       endpoint = ep;
-      up = socket;
       telemetry.observe('upstream_connect_seconds', (Date.now() - started) / 1000, { cluster: target.cluster });
-      if (done) { socket.destroy(); return; }
+      if (done || downClosed) {
+        socket.destroy();
+        finish();
+        return;
+      }
+      up = socket;
+      socket.allowHalfOpen = true;
       socket.on('error', () => finish('upstream_reset'));
-      socket.on('close', () => finish());
+      socket.on('close', () => {
+        upClosed = true;
+        if (downClosed) finish();
+        else closeAfterFlush(down);
+      });
       const idle = proxy.idleTimeoutMs;
       if (idle > 0) {
+        // 'timeout' fires after `idle` ms with no reads or writes on that socket.
         const onIdle = () => finish('idle_timeout');
         down.setTimeout(idle, onIdle);
         socket.setTimeout(idle, onIdle);

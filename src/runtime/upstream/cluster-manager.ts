@@ -231,6 +231,9 @@ export function tlsConnectOptions(
     ? () => undefined
     : sans.length > 0
       ? (_name: string, peer: tls.PeerCertificate) => checkSubjectAltNames(sans, peer)
+      : !t.autoSanValidation
+        // ISTIO_MUTUAL without subjectAltNames: any identity the mesh CA issued is accepted.
+        ? () => undefined
       : (name: string, peer: tls.PeerCertificate) =>
         // Without an expected name (no SNI, IP endpoint) only the chain is verified, as Envoy does.
         servername === undefined ? undefined : tls.checkServerIdentity(name, peer);
@@ -478,7 +481,9 @@ export class ClusterManager {
     if (h.pool !== undefined) return h.pool;
     const c = h.settings.cluster;
     const useTls = c.tls !== undefined;
-    const allowH2 = useTls && c.httpProtocol === 'h2';
+    // Istio mTLS carries HTTP/1.1 under its own ALPN (istio-http/1.1); h2 only for plain TLS.
+    const istio = c.tls?.mode === 'ISTIO_MUTUAL';
+    const allowH2 = useTls && !istio && c.httpProtocol === 'h2';
     const origin = h.address.startsWith('/')
       ? `${useTls ? 'https' : 'http'}://localhost`
       : `${useTls ? 'https' : 'http'}://${net.isIPv6(h.address) ? `[${h.address}]` : h.address}:${h.port}`;
@@ -490,7 +495,7 @@ export class ClusterManager {
       headersTimeout: this.#idleMs,
       bodyTimeout: this.#idleMs,
       allowH2,
-      connect: this.#connector(h, allowH2 ? ['h2', 'http/1.1'] : ['http/1.1']),
+      connect: this.#connector(h, istio ? ['istio-http/1.1', 'istio'] : allowH2 ? ['h2', 'http/1.1'] : ['http/1.1']),
     };
     if (c.limits.maxConnections !== undefined && c.limits.maxConnections > 0) opts.connections = c.limits.maxConnections;
     if (c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0) {
