@@ -182,6 +182,7 @@ function istioMutualServer(ctx: TranslateContext, gw: GatewayResource, p: string
     cipherSuites: [],
     ecdhCurves: [],
     // Istio: HTTP servers offer h2/http1.1; TLS (TCP) servers add istio-peer-exchange.
-    alpn: protocol === 'HTTPS' ? ['h2', 'http/1.1'] : ['istio-peer-exchange', 'h2', 'http/1.1', 'istio'],
+    // Sidecars originating ISTIO_MUTUAL offer Istio's own ALPN values; accept those too.
+    alpn: protocol === 'HTTPS' ? ['h2', 'http/1.1', 'istio-h2', 'istio-http/1.1', 'istio'] : ['istio-peer-exchange', 'h2', 'http/1.1', 'istio'],
   };
 }
