@@ -6,7 +6,7 @@
  *   GET /stats/prometheus   metrics
  */
 import * as http from 'node:http';
-import type { Snapshot, SecretSpec } from '../model/snapshot.js';
+import type { Cluster, Snapshot, SecretSpec } from '../model/snapshot.js';
 import type { Diagnostic } from '../config/diagnostics.js';
 import type { DataPlane } from '../runtime/lifecycle.js';
 import type { PromTelemetry } from './telemetry.js';
@@ -90,6 +90,24 @@ function secretView(state: AdminState, spec: SecretSpec): Record<string, unknown
   return v;
 }
 
+/** A cluster with its effective upstream TLS spelled out: mode, SNI, CA (fingerprints), SANs. */
+function clusterView(state: AdminState, c: Cluster): Record<string, unknown> {
+  if (!c.tls) return { ...c, upstreamTls: 'plaintext' };
+  const ca = state.dataPlane.certStore.get(c.tls.validationCa);
+  const client = c.tls.clientCertificate ? state.dataPlane.certStore.get(c.tls.clientCertificate) : undefined;
+  return {
+    ...c,
+    upstreamTls: {
+      mode: c.tls.mode,
+      sni: c.tls.sni ?? null,
+      verify: c.tls.insecureSkipVerify ? 'off (insecureSkipVerify)' : c.tls.subjectAltNames.length ? { subjectAltNames: c.tls.subjectAltNames } : c.tls.autoSanValidation ? 'certificate must match the SNI' : 'chain only',
+      ca: ca?.systemRoots ? 'system roots' : ca ? ca.caCerts.map((x) => ({ subject: x.subject, fingerprintSha256: x.fingerprintSha256 })) : c.tls.validationCa,
+      clientCertificate: client?.leaf ? { subject: client.leaf.subject, uriSans: client.leaf.sans.uri, fingerprintSha256: client.leaf.fingerprintSha256 } : (c.tls.clientCertificate ?? null),
+      alpn: c.tls.alpn,
+    },
+  };
+}
+
 export function configDump(state: AdminState): Record<string, unknown> {
   const snap: Snapshot | undefined = state.dataPlane.snapshot;
   return {
@@ -99,7 +117,7 @@ export function configDump(state: AdminState): Record<string, unknown> {
     sources: state.configSources(),
     boundPorts: state.dataPlane.boundPorts(),
     listeners: snap?.listeners ?? [],
-    clusters: snap ? Object.values(snap.clusters) : [],
+    clusters: snap ? Object.values(snap.clusters).map((c) => clusterView(state, c)) : [],
     secrets: snap ? Object.values(snap.secrets).map((s) => secretView(state, s)) : [],
     statuses: snap?.statuses ?? [],
     diagnostics: state.diagnostics(),

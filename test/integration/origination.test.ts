@@ -259,3 +259,24 @@ spec:
     await rm(cfg, { recursive: true, force: true });
   }
 });
+
+test('/config_dump shows the effective upstream TLS per cluster: mode, SNI, CA fingerprint, SANs; never key material', async () => {
+  const { X509Certificate } = await import('node:crypto');
+  const dump = await gw.admin('/config_dump');
+  assert.equal(dump.status, 200);
+  assert.doesNotMatch(dump.body, /PRIVATE KEY/);
+  const clusters = JSON.parse(dump.body).clusters as { name: string; upstreamTls: Record<string, unknown> | string }[];
+  const c = clusters.find((x) => x.name === 'outbound|443||secure.example.com')!;
+  const up = c.upstreamTls as { mode: string; sni: string; verify: string; ca: { fingerprintSha256: string }[] };
+  assert.equal(up.mode, 'SIMPLE');
+  assert.equal(up.sni, 'secure.example.com');
+  assert.equal(up.verify, 'certificate must match the SNI');
+  assert.equal(up.ca[0]!.fingerprintSha256, new X509Certificate(ca.certPem).fingerprint256.replace(/:/g, '').toLowerCase());
+  const san = clusters.find((x) => x.name === 'outbound|443||san.example.com')!.upstreamTls as { verify: { subjectAltNames: string[] } };
+  assert.deepEqual(san.verify.subjectAltNames, ['nope.example.com']);
+  const mtls = clusters.find((x) => x.name === 'outbound|443||mtls-cred.example.com')!.upstreamTls as { mode: string; clientCertificate: { subject: string } };
+  assert.equal(mtls.mode, 'MUTUAL');
+  assert.match(mtls.clientCertificate.subject, /client\.example\.com/);
+  const plain = clusters.find((x) => x.name === 'outbound|443||plain.example.com')!;
+  assert.equal(plain.upstreamTls, 'plaintext');
+});
