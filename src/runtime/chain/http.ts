@@ -804,6 +804,9 @@ class HttpExchange implements UpstreamHandler {
         route: this.#route?.name ?? '',
         code_class: codeClass(this.#status),
       });
+      const listener = info?.listener ?? String(env.listenerPort);
+      if (this.#bytesReceived > 0) env.telemetry.count('downstream_bytes_total', { listener, direction: 'received' }, this.#bytesReceived);
+      if (this.#bytesSent > 0) env.telemetry.count('downstream_bytes_total', { listener, direction: 'sent' }, this.#bytesSent);
     } catch {
       // Telemetry must never break a request.
     }
