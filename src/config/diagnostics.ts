@@ -6,7 +6,7 @@
  * Codes are stable and documented in docs/diagnostics.md; a code is never reused for a different
  * meaning. Ranges: TG1xxx loading and syntax, TG2xxx schema (per field), TG3xxx cross-resource
  * and semantic checks made by translate/analyze, TG4xxx "not supported yet", TG5xxx security
- * warnings.
+ * warnings, TG6xxx Kubernetes Gateway API translation and status.
  */
 
 export type Severity = 'error' | 'warning' | 'info';
@@ -75,6 +75,7 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   TG1004: 'unknown kind or apiVersion: the document is skipped',
   TG1005: 'duplicate resource (same kind, namespace and name): the later one is ignored',
   TG1006: 'no configuration files found under the given paths',
+  TG1007: 'an etcd key does not hold exactly one resource matching its group/Kind/namespace/name: the key is skipped',
   // TG2xxx: schema
   TG2001: 'required field missing',
   TG2002: 'wrong type',
@@ -118,4 +119,21 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   TG5005: 'TLS version below 1.2 enabled',
   TG5006: 'PASSTHROUGH mode does not use certificates: they are ignored',
   TG5007: 'certificate material works but deserves a look (a CA used as a leaf, an expired CA in a bundle, ...)',
+  // TG6xxx: Kubernetes Gateway API (reasons are the Gateway API status reasons)
+  TG6001: 'Gateway API Gateway not served by tlsgate (gatewayClassName handled by another controller)',
+  TG6002: 'Gateway API listener is invalid (protocol, hostname, tls settings): it is not accepted',
+  TG6003: 'Gateway API listeners conflict on one port (protocol or hostname): the later one is not accepted',
+  TG6004: 'Gateway API certificateRef is invalid (missing Secret, wrong kind, no tls.crt/tls.key): InvalidCertificateRef',
+  TG6005: 'Gateway API cross-namespace reference without a ReferenceGrant that permits it: RefNotPermitted',
+  TG6006: 'Gateway API route parentRef matches no served Gateway or listener: NoMatchingParent',
+  TG6007: 'Gateway API route not allowed by the listener (namespace or kind): NotAllowedByListeners',
+  TG6008: 'Gateway API route hostnames do not intersect the listener hostname: NoMatchingListenerHostname',
+  TG6009: 'Gateway API backendRef cannot be resolved (not found, kind, port): BackendNotFound or InvalidKind',
+  TG6010: 'BackendTLSPolicy is invalid or conflicts with an older one (CA reference, hostname, target)',
+  TG6011: 'Gateway API status: the resource is accepted (what a controller would write)',
+  TG6012: 'Gateway API client-certificate validation (frontend caCertificateRefs) is invalid: the listener is not programmed',
+  TG6013: 'Gateway API listener and Istio Gateway server conflict on one port: the Gateway API one is skipped',
+  TG6014: 'Gateway API mesh route (parentRef Service) is for sidecars: not served at a gateway',
+  TG6015: 'Gateway API setting that weakens TLS (AllowInsecureFallback client-certificate validation)',
+  TG6016: 'Gateway API value is not supported for this listener or route (UnsupportedValue): the rule answers 500 or is skipped',
 };

@@ -13,6 +13,7 @@ import type * as net from 'node:net';
 import type { TcpProxy, WeightedCluster } from '../../model/snapshot.js';
 import type { ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
+import { subjectAltNames } from './xfcc.js';
 
 export interface TcpConnector {
   connectTcp(cluster: string, opts: { timeoutMs?: number; sni?: string }): Promise<{ socket: net.Socket; endpoint: string }>;
@@ -93,6 +94,8 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       alpn: boundedAlpn(info),
       tlsVersion: info.tlsVersion,
       peerSubject: info.peerCertificate?.subject?.replace(/\n/g, ','),
+      // The mesh identity (SPIFFE ID) of an mTLS peer, as the HTTP entries log it.
+      peerUriSan: info.peerCertificate !== undefined ? subjectAltNames(info.peerCertificate).uri[0] : undefined,
       route: proxy.name,
       cluster: target?.cluster,
       upstream: endpoint || undefined,
@@ -106,6 +109,8 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       reason,
     });
     telemetry.count('tcp_connections_total', { listener: info.listener, reason });
+    if (down.bytesRead > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, down.bytesRead);
+    if (down.bytesWritten > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, down.bytesWritten);
   };
 
   // A FIN from the client must reach the upstream without closing our write side (the listener
