@@ -337,8 +337,9 @@ export function parseSClient(
 }
 
 /** node:crypto prints DNs one attribute per line; openssl's one-line form joins them with ', ' and ' = '. */
-export function opensslOneLine(dn: string): string {
-  return dn
+export function opensslOneLine(dn: string | undefined): string {
+  // An empty subject (SPIFFE workload certificates) comes back from node:crypto as undefined.
+  return (dn ?? '')
     .split('\n')
     .filter((l) => l !== '')
     .map((l) => {

@@ -180,6 +180,11 @@ export class ListenerRuntime {
   #dispatch(socket: net.Socket, replay: Buffer | undefined, chain: FilterChain, info: ConnectionInfo, state: ListenerState): void {
     info.chain = chain.name;
     const { runtime, config } = state;
+    // Per chain and by what the first bytes were: for a sidecar's inbound port this is "how many
+    // connections arrive in plaintext under PERMISSIVE", the number to watch before going STRICT.
+    runtime.telemetry.count('filter_chain_connections_total', {
+      listener: config.name, chain: chain.name, transport: replay !== undefined && replay.length > 0 && replay[0] === 0x16 ? 'tls' : 'raw_buffer',
+    });
     if (chain.tls) {
       this.#terminate(socket, replay, chain, info, state);
       return;
