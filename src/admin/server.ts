@@ -4,12 +4,16 @@
  *   GET /config_dump        the running snapshot as JSON; secrets as fingerprints only
  *   GET /certs              every certificate in use: subject, SANs, issuer, validity, fingerprint
  *   GET /stats/prometheus   metrics
+ *   GET /  /api/*  /events  the live dashboard (src/admin/dashboard/, docs/dashboard.md)
  */
 import * as http from 'node:http';
 import type { Cluster, Snapshot, SecretSpec } from '../model/snapshot.js';
 import type { Diagnostic } from '../config/diagnostics.js';
 import type { DataPlane } from '../runtime/lifecycle.js';
 import type { PromTelemetry } from './telemetry.js';
+import { handleDashboard, registerProxy } from './dashboard/routes.js';
+
+export { setProxyLabel } from './dashboard/routes.js';
 
 export interface AdminState {
   dataPlane: DataPlane;
@@ -20,16 +24,19 @@ export interface AdminState {
   lastApply(): unknown;
   draining(): boolean;
   configSources(): string[];
+  /** Each config source with its state (files; etcd: endpoints, prefix, revision, generation, connected). */
+  sourceStatus?(): Record<string, unknown>[];
 }
 
 export function startAdminServer(state: AdminState, address: string, port: number): Promise<http.Server> {
   const server = http.createServer((req, res) => {
-    void handle(state, req, res).catch((e: Error) => {
+    void handle(state, server, req, res).catch((e: Error) => {
       if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
       res.end(`internal error: ${e.message}\n`);
     });
   });
   server.on('clientError', (_e, s) => s.destroy());
+  registerProxy(state, server);
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, address, () => {
@@ -39,12 +46,13 @@ export function startAdminServer(state: AdminState, address: string, port: numbe
   });
 }
 
-async function handle(state: AdminState, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+async function handle(state: AdminState, server: http.Server, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://admin');
   if (req.method !== 'GET' && req.method !== 'HEAD') {
     res.writeHead(405, { allow: 'GET' }).end();
     return;
   }
+  if (await handleDashboard(server, req, res, url)) return;
   switch (url.pathname) {
     case '/ready': {
       const ok = state.dataPlane.ready && !state.draining();
@@ -64,7 +72,7 @@ async function handle(state: AdminState, req: http.IncomingMessage, res: http.Se
       return;
     }
     default:
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /ready /config_dump /certs /stats/prometheus\n');
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try / (dashboard) /ready /config_dump /certs /stats/prometheus\n');
   }
 }
 
@@ -114,7 +122,7 @@ export function configDump(state: AdminState): Record<string, unknown> {
     generation: snap?.generation ?? 0,
     ready: state.dataPlane.ready,
     lastApply: state.lastApply(),
-    sources: state.configSources(),
+    sources: state.sourceStatus?.() ?? state.configSources().map((path) => ({ kind: 'file', path })),
     boundPorts: state.dataPlane.boundPorts(),
     listeners: snap?.listeners ?? [],
     clusters: snap ? Object.values(snap.clusters).map((c) => clusterView(state, c)) : [],

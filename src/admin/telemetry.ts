@@ -12,7 +12,12 @@ export interface TelemetryOptions {
   /** 'stdout' (default), 'off', or a file path. */
   accessLog?: string;
   logLevel?: 'debug' | 'info' | 'warn' | 'error';
+  /** Access-log entries kept in memory for the dashboard (default 200; 0 keeps none). */
+  recentEntries?: number;
 }
+
+/** Called with each access-log entry; runs on the request path, so it must only queue. */
+export type AccessLogListener = (entry: AccessLogEntry) => void;
 
 type Metric = client.Counter<string> | client.Gauge<string> | client.Histogram<string>;
 
@@ -36,17 +41,29 @@ export class PromTelemetry implements Telemetry {
   readonly #metrics = new Map<string, { m: Metric; labels: string[] }>();
   readonly #accessDest: ReturnType<typeof pino.destination> | undefined;
   readonly #log: Logger;
+  // The last N entries, as a fixed-size ring: the dashboard's "recent requests" without reading logs.
+  readonly #ring: (AccessLogEntry | undefined)[];
+  #ringNext = 0;
+  readonly #listeners = new Set<AccessLogListener>();
 
   constructor(opts: TelemetryOptions = {}) {
+    this.#ring = new Array<AccessLogEntry | undefined>(Math.max(0, Math.min(opts.recentEntries ?? 200, 10_000)));
     const where = opts.accessLog ?? 'stdout';
     if (where !== 'off') {
       this.#accessDest = pino.destination({ dest: where === 'stdout' ? 1 : where, sync: false, minLength: 0, mkdir: true });
     }
     this.#log = pino({ level: opts.logLevel ?? 'info', base: null, messageKey: 'msg' }, pino.destination({ dest: 2, sync: true }));
-    client.collectDefaultMetrics({ register: this.registry, prefix: 'tlsgate_process_' });
+    client.collectDefaultMetrics({ register: this.registry, prefix: 'tlsgate_' });
   }
 
   accessLog(entry: AccessLogEntry): void {
+    if (this.#ring.length > 0) {
+      this.#ring[this.#ringNext] = entry;
+      this.#ringNext = (this.#ringNext + 1) % this.#ring.length;
+    }
+    for (const l of this.#listeners) {
+      try { l(entry); } catch { /* a dashboard subscriber must never break a request */ }
+    }
     // Serialised here rather than through a pino logger: pino with the level formatter removed
     // wrote lines starting with `{,`, which no JSON reader accepts.
     if (this.#accessDest === undefined) return;
@@ -57,6 +74,23 @@ export class PromTelemetry implements Telemetry {
       return; // an entry that cannot be serialised must never break a request
     }
     this.#accessDest.write(line + '\n');
+  }
+
+  /** The most recent access-log entries, oldest first (at most `recentEntries`). */
+  recent(limit = Infinity): AccessLogEntry[] {
+    const n = this.#ring.length;
+    const out: AccessLogEntry[] = [];
+    for (let i = 0; i < n; i++) {
+      const e = this.#ring[(this.#ringNext + i) % n];
+      if (e !== undefined) out.push(e);
+    }
+    return limit < out.length ? out.slice(out.length - limit) : out;
+  }
+
+  /** Subscribes to access-log entries as they are written; returns the unsubscribe function. */
+  subscribe(listener: AccessLogListener): () => void {
+    this.#listeners.add(listener);
+    return () => { this.#listeners.delete(listener); };
   }
 
   #get(kind: 'counter' | 'gauge' | 'histogram', name: string, labels: Record<string, string> | undefined): { m: Metric; values: Record<string, string> } {

@@ -2,12 +2,21 @@
  * The tlsgate command line: run, validate, demo.
  */
 import { Command, Option, InvalidArgumentError } from 'commander';
+import { availableParallelism } from 'node:os';
 // Commands are imported when they run: `validate` should not pay for the data plane's modules.
 
 function int(name: string) {
   return (v: string) => {
     const n = Number(v);
     if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError(`${name} must be an integer 0-65535`);
+    return n;
+  };
+}
+
+function count(name: string) {
+  return (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1 || n > 100_000_000) throw new InvalidArgumentError(`${name} must be a positive integer`);
     return n;
   };
 }
@@ -52,9 +61,26 @@ program.command('run')
   .option('--drain-grace <duration>', 'after SIGTERM, keep accepting this long while /ready is 503', duration, 5000)
   .option('--drain-timeout <duration>', 'then give open connections this long before closing them', duration, 30000)
   .option('--client-hello-timeout <duration>', 'how long to wait for a ClientHello', duration, 15000)
+  .option('--handshake-timeout <duration>', 'how long a downstream TLS handshake may take after the ClientHello', duration, 10000)
+  .option('--request-headers-timeout <duration>', 'HTTP/1.1: the request headers must arrive within this (408 beyond)', duration, 10000)
+  .option('--max-connections <n>', 'open connections per listener; more are closed at once (listener_overflow)', count('--max-connections'), 100000)
+  .option('--max-request-header-bytes <n>', 'request header block size (431 beyond)', count('--max-request-header-bytes'), 16384)
+  .option('--max-request-headers <n>', 'request header fields (431 beyond)', count('--max-request-headers'), 100)
   .option('--no-watch', 'do not watch the config paths and certificate files for changes (SIGHUP still reloads)')
+  .option('--etcd-ca <file>', 'etcd (--config etcd://host:2379/<prefix>): CA bundle that signs the etcd server certificate; turns TLS on')
+  .option('--etcd-cert <file>', 'etcd: client certificate (PEM) for mTLS; turns TLS on')
+  .option('--etcd-key <file>', 'etcd: client private key (PEM) for mTLS')
+  .option('--etcd-user <name>', 'etcd: user for password auth')
+  .option('--etcd-password <password>', 'etcd: password (prefer the TLSGATE_ETCD_PASSWORD environment variable: arguments show in ps)')
+  .option('--workers <n>', 'worker processes sharing the listeners (default 1; "auto" = one per core)', (v: string) => {
+    if (v === 'auto') return availableParallelism();
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1 || n > 256) throw new InvalidArgumentError('--workers must be an integer 1-256 or "auto"');
+    return n;
+  }, 1)
   .action(async (o) => {
     const { runCommand } = await import('./run.js');
+    const { etcdOptionsFrom } = await import('./config-cmd.js');
     process.exitCode = await runCommand({
       config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress,
       bindAddress: o.bindAddress ?? (o.sidecar ? '127.0.0.1' : '0.0.0.0'),
@@ -63,7 +89,11 @@ program.command('run')
       workloadCertTtlMs: o.workloadCertTtl,
       labels: o.labels, namespace: o.namespace, accessLog: o.accessLog, logLevel: o.logLevel,
       drainGraceMs: o.drainGrace, drainTimeoutMs: o.drainTimeout, clientHelloTimeoutMs: o.clientHelloTimeout,
-      watch: o.watch,
+      limits: {
+        maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeout, requestHeadersTimeoutMs: o.requestHeadersTimeout,
+        maxRequestHeaderBytes: o.maxRequestHeaderBytes, maxRequestHeaders: o.maxRequestHeaders,
+      },
+      watch: o.watch, workers: o.workers, etcd: etcdOptionsFrom(o),
     });
   });
 
@@ -100,7 +130,7 @@ program.command('explain')
   });
 
 program.command('demo')
-  .description('run the quickstart demo: a gateway on an embedded config with generated certificates and an echo upstream')
+  .description('run the demo: every TLS mode (termination, passthrough, origination, sidecar mTLS, TLS inside mTLS) on examples/demo/ with generated certificates, built-in upstreams and the dashboard')
   .option('--admin-port <port>', 'admin server port', int('--admin-port'), 15000)
   .action(async (o) => {
     const { demoCommand } = await import('./demo.js');
@@ -109,6 +139,8 @@ program.command('demo')
 
 // `ca init | token | serve | rotate-root`: the mesh CA (src/cli/ca.ts loads the mesh code lazily).
 (await import('./ca.js')).registerCaCommands(program);
+// `config push | get | diff`: share a configuration through etcd (src/cli/config-cmd.ts).
+(await import('./config-cmd.js')).registerConfigCommands(program);
 
 program.parseAsync(process.argv).catch((e: Error) => {
   process.stderr.write(`tlsgate: ${e.message}\n`);

@@ -8,6 +8,7 @@ import { loadConfig } from '../config/load.js';
 import { sortDiagnostics, type Diagnostic } from '../config/diagnostics.js';
 import { translate, type TranslateOptions } from '../model/translate/index.js';
 import type { Snapshot } from '../model/snapshot.js';
+import { emptyResourceSet, type Resource, type ResourceSet } from '../config/resource.js';
 import { CertStore } from '../runtime/pki/cert-store.js';
 
 export interface PipelineResult {
@@ -18,6 +19,52 @@ export interface PipelineResult {
 
 export async function buildSnapshot(paths: string[], options: Partial<TranslateOptions>, checkSecrets = true): Promise<PipelineResult> {
   const loaded = await loadConfig(paths);
+  return buildSnapshotFrom(loaded, options, checkSecrets);
+}
+
+function identityOf(r: { apiVersion: string; kind: string; metadata: { namespace: string; name: string } }): string {
+  const slash = r.apiVersion.indexOf('/');
+  return `${slash < 0 ? '' : r.apiVersion.slice(0, slash)}/${r.kind}/${r.metadata.namespace}/${r.metadata.name}`;
+}
+
+/**
+ * The union of resource sets from several sources (files, etcd prefixes), in order. A resource
+ * defined by two sources is kept from the first and reported (TG1005) at the second.
+ */
+export function mergeResourceSets(parts: { resources: ResourceSet; diagnostics: Diagnostic[] }[]): { resources: ResourceSet; diagnostics: Diagnostic[] } {
+  if (parts.length === 1) return parts[0]!;
+  const out = emptyResourceSet() as unknown as Record<string, unknown[]>;
+  const diagnostics: Diagnostic[] = [];
+  const seen = new Map<string, string>();
+  for (const part of parts) {
+    diagnostics.push(...part.diagnostics);
+    for (const [field, list] of Object.entries(part.resources) as [string, Resource[] | undefined][]) {
+      for (const r of list ?? []) {
+        const id = identityOf(r);
+        const first = seen.get(id);
+        const where = `${r.source.file}:${r.source.line}:${r.source.column}`;
+        if (first !== undefined) {
+          diagnostics.push({
+            code: 'TG1005', severity: 'warning', location: r.source, resource: { kind: r.kind, namespace: r.metadata.namespace, name: r.metadata.name },
+            message: `duplicate ${r.kind} ${r.metadata.namespace}/${r.metadata.name} in two config sources: this one is ignored`,
+            hint: `the first definition is at ${first}`,
+          });
+          continue;
+        }
+        seen.set(id, where);
+        (out[field] ??= []).push(r);
+      }
+    }
+  }
+  return { resources: out as unknown as ResourceSet, diagnostics };
+}
+
+/** Translates an already loaded resource set (from files, etcd, or both) and checks its certificates. */
+export async function buildSnapshotFrom(
+  loaded: { resources: ResourceSet; diagnostics: Diagnostic[]; files?: string[] },
+  options: Partial<TranslateOptions>,
+  checkSecrets = true,
+): Promise<PipelineResult> {
   const { snapshot, diagnostics } = translate(loaded.resources, options);
   const all = [...loaded.diagnostics, ...diagnostics];
   if (checkSecrets) {
@@ -35,7 +82,7 @@ export async function buildSnapshot(paths: string[], options: Partial<TranslateO
       }
     }
   }
-  return { snapshot, diagnostics: sortDiagnostics(all), files: loaded.files };
+  return { snapshot, diagnostics: sortDiagnostics(all), files: loaded.files ?? [] };
 }
 
 /** Parses `k=v,k2=v2` into a label map. */

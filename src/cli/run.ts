@@ -17,10 +17,13 @@ import { readFileSync } from 'node:fs';
 import { formatDiagnostic, hasErrors, type Diagnostic } from '../config/diagnostics.js';
 import type { Snapshot } from '../model/snapshot.js';
 import { DataPlane } from '../runtime/lifecycle.js';
+import type { DownstreamLimits } from '../runtime/listener/listener-runtime.js';
 import { PromTelemetry } from '../admin/telemetry.js';
-import { startAdminServer } from '../admin/server.js';
+import { startAdminServer, configDump } from '../admin/server.js';
 import { FileSource } from '../sources/file-source.js';
-import { buildSnapshot, parseLabels } from './pipeline.js';
+import { buildSnapshotFrom, mergeResourceSets, parseLabels } from './pipeline.js';
+import { ConfigSources } from '../sources/etcd-sources.js';
+import type { EtcdConnectionOptions } from '../sources/etcd.js';
 import { WorkloadIdentity } from '../mesh/identity.js';
 
 export interface RunOptions {
@@ -35,8 +38,12 @@ export interface RunOptions {
   drainGraceMs: number;
   drainTimeoutMs: number;
   clientHelloTimeoutMs: number;
+  /** Downstream limits (--max-connections, --handshake-timeout, ...); absent fields take defaults. */
+  limits?: Partial<DownstreamLimits>;
   /** Watch the config paths and certificate files (default true). */
   watch?: boolean;
+  /** Worker processes sharing the listeners (node:cluster); 1 = this process serves. */
+  workers?: number;
   /** Sidecar role: an outbound HTTP proxy for the app instead of Gateways. */
   sidecar?: boolean;
   outboundPort?: number;
@@ -50,6 +57,8 @@ export interface RunOptions {
   caToken?: string;
   caRoot?: string;
   workloadCertTtlMs?: number;
+  /** TLS and auth for `--config etcd://...` entries. */
+  etcd?: EtcdConnectionOptions;
 }
 
 export interface ApplyRecord {
@@ -68,6 +77,8 @@ export interface RunningGateway {
   telemetry: PromTelemetry;
   reload(trigger: string): Promise<ApplyRecord>;
   stop(): Promise<void>;
+  /** /config_dump as JSON text. */
+  dump(): string;
 }
 
 /** What makes two snapshots "the same": everything but generation, plus file-certificate content. */
@@ -128,29 +139,56 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     ...(sidecar ? { sidecar } : {}),
     ...(identity ? { identity: identity.spiffeId } : {}),
   };
-  const first = await buildSnapshot(opts.config, translateOptions);
+  // Config sources: files and directories, and etcd prefixes (read once here, then watched).
+  let onSourceChange = (): void => {};
+  let sources: ConfigSources;
+  try {
+    sources = new ConfigSources(opts.config, opts.etcd ?? {}, () => onSourceChange());
+  } catch (e) {
+    identity?.close();
+    out.write(`tlsgate: ${(e as Error).message}\n`);
+    return undefined;
+  }
+  for (const w of sources.warnings(opts.etcd ?? {})) out.write(`tlsgate: warning: ${w}\n`);
+  try {
+    await sources.start();
+  } catch (e) {
+    sources.close();
+    identity?.close();
+    out.write(`tlsgate: cannot read the configuration: ${(e as Error).message}\n`);
+    return undefined;
+  }
+  const build = async () => {
+    const loaded = await sources.load();
+    return { ...(await buildSnapshotFrom(mergeResourceSets(loaded.parts), translateOptions)), used: loaded.used };
+  };
+  const first = await build();
   for (const d of first.diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');
   if (hasErrors(first.diagnostics)) {
     out.write(`tlsgate: configuration has errors; nothing was started\n`);
+    sources.close();
+    identity?.close();
     return undefined;
   }
   if (first.snapshot.listeners.length === 0) {
     out.write(`tlsgate: warning: no listener to serve (no Gateway server${labels ? ` matches --labels ${opts.labels}` : ''})\n`);
   }
   const telemetry = new PromTelemetry({ accessLog: opts.accessLog, logLevel: opts.logLevel });
-  const dataPlane = new DataPlane({ telemetry });
+  const dataPlane = new DataPlane({ telemetry, ...(opts.limits ? { limits: opts.limits } : {}) });
   identity?.registerWith(dataPlane.certStore);
   let draining = false;
   let lastApply: ApplyRecord | undefined;
   let servingDiagnostics: Diagnostic[] = first.diagnostics;
-  const admin = await startAdminServer({
+  const adminState = {
     dataPlane,
     telemetry,
     diagnostics: () => servingDiagnostics,
     lastApply: () => lastApply,
     draining: () => draining,
     configSources: () => opts.config,
-  }, opts.adminAddress, opts.adminPort);
+    sourceStatus: () => sources.status(),
+  };
+  const admin = await startAdminServer(adminState, opts.adminAddress, opts.adminPort);
   const applied = await dataPlane.apply(first.snapshot);
   for (const w of applied.warnings) out.write(`warning: ${w}\n`);
   if (!applied.ok) {
@@ -160,6 +198,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     }
     identity?.close();
     out.write('tlsgate: could not start; nothing is served\n');
+    sources.close();
     await new Promise<void>((r) => admin.close(() => r()));
     return undefined;
   }
@@ -177,13 +216,15 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     return lastApply;
   };
   record({ trigger: 'start', ok: true, message: 'applied', diagnostics: [] });
+  sources.markServed(first.used);
+  sources.setTelemetry(telemetry);
   telemetry.log('info', 'tlsgate serving', { listeners: dataPlane.boundPorts(), admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}`, generation: dataPlane.snapshot?.generation });
 
   // Reloads run one at a time; a change during a reload triggers one more.
   let reloading: Promise<ApplyRecord> | undefined;
   let pending = false;
   const doReload = async (trigger: string): Promise<ApplyRecord> => {
-    const r = await buildSnapshot(opts.config, translateOptions);
+    const r = await build();
     const blocking = blockingErrors(r.diagnostics);
     if (blocking.length) {
       for (const d of blocking) telemetry.log('warn', 'config rejected: ' + formatDiagnostic(d));
@@ -192,6 +233,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     const key = snapshotKey(r.snapshot);
     if (key === currentKey) {
       servingDiagnostics = r.diagnostics;
+      sources.markServed(r.used);
       return record({ trigger, ok: true, message: 'no change', diagnostics: r.diagnostics });
     }
     const res = await dataPlane.apply(r.snapshot);
@@ -201,6 +243,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     }
     currentKey = key;
     servingDiagnostics = r.diagnostics;
+    sources.markServed(r.used);
     source?.setExtraFiles(secretFiles(r.snapshot));
     const skipped = r.diagnostics.filter((d) => d.severity === 'error');
     for (const d of skipped) telemetry.log('warn', 'resource skipped: ' + formatDiagnostic(d));
@@ -231,9 +274,12 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     });
   });
 
+  // A new whole etcd generation is applied like a file edit (always watched: it is the point of a store).
+  onSourceChange = () => void reload('etcd');
+
   let source: FileSource | undefined;
   if (opts.watch !== false) {
-    source = new FileSource(opts.config, () => void reload('change'), { pollMs: 500 });
+    source = new FileSource(sources.filePaths, () => void reload('change'), { pollMs: 500 });
     source.setExtraFiles(secretFiles(first.snapshot));
     await source.start();
   }
@@ -243,6 +289,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     stopping ??= (async () => {
       draining = true;
       source?.close();
+      sources.close();
       if (opts.drainGraceMs > 0) await sleep(opts.drainGraceMs);
       await dataPlane.stopAccepting();
       const deadline = Date.now() + opts.drainTimeoutMs;
@@ -259,7 +306,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     })();
     return stopping;
   };
-  return { dataPlane, admin, telemetry, reload, stop };
+  return { dataPlane, admin, telemetry, reload, stop, dump: () => JSON.stringify(configDump(adminState), null, 2) + '\n' };
 }
 
 function sleep(ms: number): Promise<void> {
@@ -267,7 +314,21 @@ function sleep(ms: number): Promise<void> {
 }
 
 export async function runCommand(opts: RunOptions): Promise<number> {
-  const gw = await startGateway(opts);
+  const workers = opts.workers ?? 1;
+  const isWorker = process.env['TLSGATE_WORKER'] === '1';
+  if (workers > 1 && !isWorker) {
+    const { runPrimary } = await import('./workers.js');
+    return runPrimary(opts, workers);
+  }
+  // A worker's own admin server is private (an ephemeral loopback port); the primary serves the API.
+  const gw = await startGateway(isWorker ? { ...opts, adminPort: 0, adminAddress: '127.0.0.1' } : opts);
+  if (isWorker) {
+    const { serveWorkerIpc, reportWorkerFailure } = await import('./workers.js');
+    if (!gw) { reportWorkerFailure('configuration or certificate errors (see above)'); return 1; }
+    serveWorkerIpc(() => ({
+      pid: process.pid, ready: gw.dataPlane.ready, connections: gw.dataPlane.activeConnections(), generation: gw.dataPlane.snapshot?.generation ?? 0,
+    }), () => gw.dump(), [gw.telemetry.registry]);
+  }
   if (!gw) return 1;
   process.on('SIGHUP', () => {
     gw.telemetry.log('info', 'SIGHUP: reloading');

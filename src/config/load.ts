@@ -8,7 +8,7 @@ import * as nodePath from 'node:path';
 import type { Diagnostic, ResourceRef, SourceLocation } from './diagnostics.js';
 import {
   emptyResourceSet, type ConfigMapResource, type GatewayApiResource, type ObjectMeta, type Resource,
-  type ResourceSet, type SecretResource,
+  type ResourceSet, type SecretResource, type KubeObjectResource,
 } from './resource.js';
 import { parseDocuments, formatPath, type ParsedDocument } from './yaml.js';
 import { validateDocument, type SchemaKind } from './schema/index.js';
@@ -48,6 +48,13 @@ function classify(apiVersion: string, kind: string): { schema: SchemaKind } | { 
   }
   if (kind === 'Secret' || kind === 'ConfigMap') {
     return apiVersion === 'v1' ? { schema: kind } : { unknownVersion: 'v1' };
+  }
+  // Gateway API backends: a Service and the addresses behind it.
+  if (kind === 'Service' || kind === 'Endpoints') {
+    return apiVersion === 'v1' ? { schema: 'Kube' } : { unknownVersion: 'v1' };
+  }
+  if (kind === 'EndpointSlice') {
+    return apiVersion === 'discovery.k8s.io/v1' ? { schema: 'Kube' } : { unknownVersion: 'discovery.k8s.io/v1' };
   }
   return undefined;
 }
@@ -189,6 +196,11 @@ class Collector {
       case 'GatewayApi': {
         const g: GatewayApiResource = { ...base, spec, group: GATEWAY_API_GROUP };
         rs.gatewayApi.push(g);
+        break;
+      }
+      case 'Kube': {
+        const k: KubeObjectResource = { ...base, spec, body: v };
+        (rs.kube ??= []).push(k);
         break;
       }
     }

@@ -55,6 +55,15 @@ export interface GatewayApiResource extends ResourceBase<string, Record<string, 
   group: 'gateway.networking.k8s.io';
 }
 
+/**
+ * A core or discovery Kubernetes object read as a Gateway API backend: Service (v1), Endpoints
+ * (v1) or EndpointSlice (discovery.k8s.io/v1). `body` is the whole document, because Endpoints and
+ * EndpointSlice keep their content outside `spec` (subsets, endpoints, ports).
+ */
+export interface KubeObjectResource extends ResourceBase<string, Record<string, unknown>> {
+  body: Record<string, unknown>;
+}
+
 export type IstioResource =
   | GatewayResource | VirtualServiceResource | DestinationRuleResource | ServiceEntryResource
   | WorkloadEntryResource | PeerAuthenticationResource;
@@ -76,11 +85,13 @@ export interface ResourceSet {
   secrets: SecretResource[];
   configMaps: ConfigMapResource[];
   gatewayApi: GatewayApiResource[];
+  /** Services, Endpoints and EndpointSlices (Gateway API backends); absent = none. */
+  kube?: KubeObjectResource[];
 }
 
 export function emptyResourceSet(): ResourceSet {
   return {
     gateways: [], virtualServices: [], destinationRules: [], serviceEntries: [], workloadEntries: [],
-    peerAuthentications: [], secrets: [], configMaps: [], gatewayApi: [],
+    peerAuthentications: [], secrets: [], configMaps: [], gatewayApi: [], kube: [],
   };
 }

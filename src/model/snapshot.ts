@@ -255,6 +255,11 @@ export interface Listener {
   maxClientHelloBytes: number;
   /** Which Istio servers produced this listener (for explain/config_dump). */
   origins: Origin[];
+  /**
+   * PROXY protocol (v1 or v2) required before the first bytes, accepted only from these
+   * peers; anyone else is closed. From the Gateway annotations tlsgate.io/proxy-protocol*.
+   */
+  proxyProtocol?: { trustedCidrs: string[]; headerTimeoutMs: number };
 }
 
 // ---------------------------------------------------------------- clusters
@@ -299,6 +304,8 @@ export interface Cluster {
   /** Upstream HTTP protocol when the cluster carries HTTP. */
   httpProtocol: 'http1' | 'h2';
   tls?: UpstreamTlsContext;
+  /** Send a PROXY protocol header on each upstream connection (DestinationRule annotation). */
+  proxyProtocol?: 'v1' | 'v2';
   limits: {
     maxConnections?: number;
     maxPendingRequests?: number;

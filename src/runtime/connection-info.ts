@@ -28,6 +28,8 @@ export interface ConnectionInfo {
   peerCertificate?: X509Certificate;
   /** Chain verified against the configured CA (false for OPTIONAL_MUTUAL + insecureSkipVerify with a bad cert). */
   peerCertificateVerified?: boolean;
+  /** The load balancer that sent the PROXY header ("ip:port"), when one did. */
+  proxyPeer?: string;
   /** Own identity (URI SAN) for XFCC By=, when the proxy has one. */
   localIdentity?: string;
 }

@@ -9,7 +9,7 @@ import type * as net from 'node:net';
 import type { SecureContext } from 'node:tls';
 import type { FilterChain, Listener, Snapshot } from '../model/snapshot.js';
 import type { Telemetry } from './telemetry.js';
-import { ListenerRuntime, type ChainRuntime } from './listener/listener-runtime.js';
+import { DEFAULT_LIMITS, ListenerRuntime, type ChainRuntime, type DownstreamLimits } from './listener/listener-runtime.js';
 import { CertStore } from './pki/cert-store.js';
 import { SecureContextCache } from './pki/context-cache.js';
 import { ClusterManager } from './upstream/cluster-manager.js';
@@ -24,6 +24,48 @@ export interface ApplyResult {
 
 export interface DataPlaneOptions {
   telemetry: Telemetry;
+  /** Downstream limits from flags; each absent field takes its default (DEFAULT_LIMITS). */
+  limits?: Partial<DownstreamLimits>;
+}
+
+/** Idle HTTP/2 session (no frames either way) before it is closed: Envoy's stream idle default. */
+const H2_SESSION_IDLE_MS = 300_000;
+
+/**
+ * HTTP/2 rapid reset (CVE-2023-44487): a client that opens streams and cancels them before any
+ * response makes us do the routing and upstream work for nothing. Once a session has opened
+ * PREMATURE_RESET_MIN_STREAMS streams, more than half of them reset by the client within
+ * PREMATURE_RESET_LIFETIME_MS of opening closes it with GOAWAY ENHANCE_YOUR_CALM (Envoy's rule).
+ */
+const PREMATURE_RESET_MIN_STREAMS = 200;
+const PREMATURE_RESET_LIFETIME_MS = 1_000;
+
+function guardPrematureResets(session: http2.ServerHttp2Session, onClose: () => void): void {
+  let total = 0;
+  let premature = 0;
+  let closing = false;
+  session.on('stream', (stream: http2.ServerHttp2Stream) => {
+    total++;
+    const opened = performance.now();
+    stream.once('close', () => {
+      if (stream.rstCode === 0 || stream.headersSent || performance.now() - opened > PREMATURE_RESET_LIFETIME_MS) return;
+      premature++;
+      if (total >= PREMATURE_RESET_MIN_STREAMS && premature * 2 > total && !closing && !session.destroyed) {
+        closing = true;
+        onClose();
+        // GOAWAY refuses further streams at once; the socket goes after the frame had time to leave.
+        session.goaway(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+        setTimeout(() => session.destroy(), 100).unref();
+      }
+    });
+  });
+}
+
+/** The status line Node's HTTP/1.1 parser errors map to; the rest are 400. */
+function clientErrorStatus(code: string | undefined): { status: number; text: string; reason: 'bad_request' | 'request_headers_timeout' | 'request_headers_too_large' } {
+  if (code === 'HPE_HEADER_OVERFLOW') return { status: 431, text: 'Request Header Fields Too Large', reason: 'request_headers_too_large' };
+  if (code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, text: 'Request Timeout', reason: 'request_headers_timeout' };
+  return { status: 400, text: 'Bad Request', reason: 'bad_request' };
 }
 
 type HttpServers = { h1: http.Server; h2?: http2.Http2Server };
@@ -35,6 +77,7 @@ class Generation implements ChainRuntime {
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   /** Set when a newer generation took over or the process drains: finish, then close. */
   #retired = false;
+  limits: DownstreamLimits = DEFAULT_LIMITS;
 
   constructor(
     readonly snapshot: Snapshot,
@@ -62,10 +105,40 @@ class Generation implements ChainRuntime {
       // client's next request opens a connection that uses the newest config.
       const h1Handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
         if (this.#retired) res.shouldKeepAlive = false;
+        // Node keeps the first maxHeadersCount fields and drops the rest silently; one more than
+        // the limit is allowed in, so reaching it means the client sent too many.
+        if (req.rawHeaders.length > 2 * limits.maxRequestHeaders) {
+          res.shouldKeepAlive = false;
+          res.writeHead(431, { 'content-type': 'text/plain', connection: 'close' }).end('too many request headers\n');
+          this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket);
+          return;
+        }
         (handler as http.RequestListener)(req, res);
       };
-      const h1 = http.createServer({ keepAliveTimeout: 60_000, headersTimeout: 60_000, requestTimeout: 300_000 }, h1Handler);
-      h1.on('clientError', (_e, sock) => sock.destroy());
+      const limits = this.limits;
+      const h1 = http.createServer({
+        keepAliveTimeout: 60_000,
+        headersTimeout: limits.requestHeadersTimeoutMs,
+        requestTimeout: Math.max(300_000, limits.requestHeadersTimeoutMs),
+        maxHeaderSize: limits.maxRequestHeaderBytes,
+        // Node checks the header and request timeouts on this interval (default 30 s).
+        connectionsCheckingInterval: Math.min(1_000, limits.requestHeadersTimeoutMs),
+      }, h1Handler);
+      h1.maxHeadersCount = limits.maxRequestHeaders + 1;
+      // Node enforces headersTimeout/requestTimeout only for servers that emitted 'listening'
+      // (that starts its connection tracking); ours never listen, sockets are handed over.
+      h1.emit('listening');
+      h1.on('clientError', (e: Error & { code?: string }, sock: net.Socket) => {
+        // A parse error, an oversized header block or a header timeout: answer with the status
+        // when nothing was written on this connection yet, count it, then close. Never forwarded.
+        const { status, text, reason } = clientErrorStatus(e.code);
+        const started = (sock as { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+        if (sock.writable && started?.headersSent !== true) {
+          sock.end(`HTTP/1.1 ${status} ${text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
+          setTimeout(() => sock.destroy(), 1_000).unref();
+        } else sock.destroy();
+        this.#clientError(listener.name, status, reason, sock, e.code);
+      });
       const tunnels = chain.filter.connectRoutes;
       if (tunnels?.length) {
         h1.on('connect', (req: http.IncomingMessage, sock: net.Socket, head: Buffer) =>
@@ -74,12 +147,17 @@ class Generation implements ChainRuntime {
       s = { h1 };
       if (chain.tls) {
         // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
-        const h2 = http2.createServer({ settings: { maxConcurrentStreams: 100 } }, handler as never);
+        const h2 = http2.createServer({
+          settings: { maxConcurrentStreams: 100, maxHeaderListSize: limits.maxRequestHeaderBytes },
+          maxHeaderListPairs: limits.maxRequestHeaders,
+        }, handler as never);
+        h2.setTimeout(H2_SESSION_IDLE_MS);
         h2.on('sessionError', () => {});
         h2.on('session', (session: http2.ServerHttp2Session) => {
           if (this.#retired) { session.close(); return; }
           this.#sessions.add(session);
           session.once('close', () => this.#sessions.delete(session));
+          guardPrematureResets(session, () => this.telemetry.count('http2_premature_reset_closes_total', { listener: listener.name }));
         });
         s.h2 = h2;
       }
@@ -95,6 +173,18 @@ class Generation implements ChainRuntime {
     }
   }
 
+  /** A request refused by the HTTP/1.1 codec (never reached the router): one access-log entry and count. */
+  #clientError(listener: string, status: number, reason: string, sock: net.Socket, code?: string): void {
+    try {
+      this.telemetry.count('requests_total', { listener, route: '', code_class: '4xx' });
+      this.telemetry.accessLog({
+        time: new Date().toISOString(), downstreamAddress: sock.remoteAddress, listener, status, reason, detail: code,
+      });
+    } catch {
+      // telemetry never breaks a connection
+    }
+  }
+
   /** Wraps up idle keep-alive connections of this generation's HTTP servers. */
   closeIdle(): void {
     for (const s of this.#http.values()) s.h1.closeIdleConnections();
@@ -107,6 +197,10 @@ class Generation implements ChainRuntime {
   retire(): void {
     this.#retired = true;
     this.closeIdle();
+    // Stop the servers' timeout tracking once a header timeout has had time to cut off anyone
+    // still sending headers here.
+    const t = setTimeout(() => { for (const s of this.#http.values()) s.h1.close(); }, this.limits.requestHeadersTimeoutMs + 2_000);
+    t.unref();
     for (const s of this.#sessions) s.close();
   }
 }
@@ -156,6 +250,7 @@ export class DataPlane {
     if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup });
     else this.#clusters.update(snapshot.clusters);
     const gen = new Generation(snapshot, this.#clusters, this.opts.telemetry, this.#certs, this.#contexts);
+    gen.limits = { ...DEFAULT_LIMITS, ...this.opts.limits };
     // Build every terminating context now so a bad certificate fails the apply, not a handshake.
     for (const l of snapshot.listeners) {
       for (const fc of l.filterChains) {

@@ -16,6 +16,7 @@ export type Reason =
   | 'no_sni' // TLS without SNI and no catch-all chain
   | 'no_sni_match' // SNI present but unknown
   | 'not_tls' // plaintext on a TLS-only listener
+  | 'listener_overflow' // connection refused: the listener is at --max-connections
   | 'client_hello_timeout'
   | 'client_hello_too_large'
   | 'client_hello_malformed'
@@ -34,6 +35,12 @@ export type Reason =
   | 'downstream_reset'
   | 'idle_timeout'
   | 'bad_request'
+  | 'request_headers_timeout' // HTTP 408: headers not complete within --request-headers-timeout
+  | 'request_headers_too_large' // HTTP 431: header block over the size or count limit
+  | 'proxy_protocol_untrusted' // a PROXY header from a peer not in the trusted CIDRs
+  | 'proxy_protocol_missing' // a PROXY-protocol listener got no header
+  | 'proxy_protocol_malformed'
+  | 'proxy_protocol_timeout'
   | 'internal_error';
 
 export interface AccessLogEntry {

@@ -16,10 +16,11 @@ import { serviceEntrySchema } from './serviceentry.js';
 import { workloadEntrySchema } from './workloadentry.js';
 import { peerAuthenticationSchema } from './peerauthentication.js';
 import { configMapSchema, gatewayApiSchema, secretSchema } from './core.js';
+import { gatewayApiSchemaFor, kubeObjectSchema } from './gateway-api.js';
 
 export type SchemaKind =
   | 'Gateway' | 'VirtualService' | 'DestinationRule' | 'ServiceEntry' | 'WorkloadEntry'
-  | 'PeerAuthentication' | 'Secret' | 'ConfigMap' | 'GatewayApi';
+  | 'PeerAuthentication' | 'Secret' | 'ConfigMap' | 'GatewayApi' | 'Kube';
 
 const SCHEMAS: Record<SchemaKind, Schema> = {
   Gateway: gatewaySchema,
@@ -31,6 +32,7 @@ const SCHEMAS: Record<SchemaKind, Schema> = {
   Secret: secretSchema,
   ConfigMap: configMapSchema,
   GatewayApi: gatewayApiSchema,
+  Kube: kubeObjectSchema,
 };
 
 export interface ValidateContext {
@@ -68,6 +70,21 @@ function validatorFor(kind: SchemaKind): ValidateFunction {
   }
   v = ajv.compile(SCHEMAS[kind]);
   compiled.set(kind, v);
+  return v;
+}
+
+/** Gateway API kinds have one schema each (gateway-api.ts); unknown kinds get the envelope only. */
+function gatewayApiValidator(doc: Record<string, unknown>): ValidateFunction {
+  const gk = typeof doc.kind === 'string' ? doc.kind : '';
+  const schema = gatewayApiSchemaFor(gk);
+  if (!schema) return validatorFor('GatewayApi');
+  const key = `GatewayApi:${gk}` as SchemaKind;
+  let v = compiled.get(key);
+  if (!v) {
+    validatorFor('GatewayApi'); // creates the shared ajv instance
+    v = ajv!.compile(schema);
+    compiled.set(key, v);
+  }
   return v;
 }
 
@@ -169,7 +186,7 @@ export function validateDocument(kind: SchemaKind, doc: Record<string, unknown>,
     out.push({ ...d, location: onKey ? ctx.locateKey!(path) : ctx.locate(path), resource: ctx.resource, path });
   };
   normaliseProtocols(kind, doc);
-  const validate = validatorFor(kind);
+  const validate = kind === 'GatewayApi' ? gatewayApiValidator(doc) : validatorFor(kind);
   // Unknown fields are removed and the document checked again, so a renamed alias is validated
   // like the field it stands for. Each pass removes at least one key, so this ends; the bound is
   // a guard, not a limit real documents reach.

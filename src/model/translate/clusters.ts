@@ -113,6 +113,14 @@ export class ClusterBuilder {
     }
 
     if (dr) {
+      const pp = dr.metadata.annotations['tlsgate.io/proxy-protocol'];
+      if (pp !== undefined) {
+        if (pp !== 'v1' && pp !== 'v2') ctx.error('TG2003', dr, 'metadata.annotations["tlsgate.io/proxy-protocol"]', `invalid value "${pp}"`, 'valid values: v1, v2');
+        else if (ref.carries === 'http') {
+          this.#once(dr, 'pp-http', () => ctx.error('TG4001', dr, 'metadata.annotations["tlsgate.io/proxy-protocol"]',
+            `not supported yet: sending PROXY protocol to "${svc.host}" from HTTP routes (pooled connections are shared by many clients)`, 'use it with tcp or tls routes'));
+        } else cluster.proxyProtocol = pp;
+      }
       this.#applyLoadBalancer(cluster, layers.get('loadBalancer') as LoadBalancerSettings | undefined, dr, drPath('loadBalancer'));
       this.#applyConnectionPool(cluster, layers.get('connectionPool') as ConnectionPoolSettings | undefined, dr, drPath('connectionPool'));
       if (layers.get('outlierDetection') !== undefined) {
@@ -126,7 +134,8 @@ export class ClusterBuilder {
         if (up) {
           cluster.tls = up;
           const sp = (sePort?.protocol ?? '').toUpperCase();
-          if (sp === 'HTTPS' || sp === 'TLS') {
+          // ISTIO_MUTUAL around a TLS port is Istio's own egress pattern (the app's TLS inside mTLS).
+          if ((sp === 'HTTPS' || sp === 'TLS') && up.mode !== 'ISTIO_MUTUAL') {
             this.#once(dr, drPath('tls') + '#double', () => ctx.warn('TG5003', dr, drPath('tls.mode'),
               `double TLS: ServiceEntry port ${port} of "${svc.host}" is ${sp} (the app already sends TLS) and this DestinationRule originates TLS again`,
               'declare the port as HTTP (or use a port with targetPort: 443) so the app sends plaintext and the proxy originates TLS'));

@@ -220,6 +220,8 @@ function buildListener(ctx: TranslateContext, clusters: ClusterBuilder, name: st
     maxClientHelloBytes: ctx.options.maxClientHelloBytes,
     origins,
   };
+  const pp = proxyProtocolOf(ctx, accepted);
+  if (pp) listener.proxyProtocol = pp;
   if (first.cls === 'http') listener.filterChains.push(httpPlaintextChain(ctx, clusters, accepted, vss));
   else if (first.cls === 'tcp') listener.filterChains.push(...tcpChains(ctx, clusters, first, vss, undefined));
   else listener.filterChains.push(...tlsChains(ctx, clusters, accepted, vss));
@@ -463,4 +465,38 @@ function tcpProxyFor(ctx: TranslateContext, clusters: ClusterBuilder, vs: Virtua
     idleTimeoutMs: ctx.options.tcpIdleTimeoutMs,
     origin: ctx.origin(vs, path),
   };
+}
+
+const PP_ANNOTATION = 'tlsgate.io/proxy-protocol';
+const PP_CIDRS_ANNOTATION = 'tlsgate.io/proxy-protocol-trusted-cidrs';
+
+/**
+ * PROXY protocol on a listener, from the annotations of the Gateways whose servers share it:
+ * `tlsgate.io/proxy-protocol: "true"` and `tlsgate.io/proxy-protocol-trusted-cidrs:
+ * "10.0.0.0/8,127.0.0.1/32"` (required: no peer is trusted by default).
+ */
+function proxyProtocolOf(ctx: TranslateContext, servers: ServerEntry[]): Listener['proxyProtocol'] {
+  let out: Listener['proxyProtocol'];
+  const seen = new Set<GatewayResource>();
+  for (const e of servers) {
+    if (seen.has(e.gw)) continue;
+    seen.add(e.gw);
+    const v = e.gw.metadata.annotations[PP_ANNOTATION];
+    if (v === undefined) continue;
+    if (v !== 'true' && v !== 'false') {
+      ctx.error('TG2003', e.gw, `metadata.annotations["${PP_ANNOTATION}"]`, `invalid value "${v}"`, 'valid values: "true", "false"');
+      continue;
+    }
+    if (v === 'false') continue;
+    const cidrs = (e.gw.metadata.annotations[PP_CIDRS_ANNOTATION] ?? '').split(',').map((x) => x.trim()).filter(Boolean);
+    if (cidrs.length === 0) {
+      ctx.error('TG2001', e.gw, `metadata.annotations["${PP_CIDRS_ANNOTATION}"]`, 'PROXY protocol needs the peers allowed to send it', 'e.g. "10.0.0.0/8" for the load balancer\'s addresses');
+      continue;
+    }
+    for (const c of cidrs) {
+      if (!/^[0-9a-fA-F:.]+(\/\d{1,3})?$/.test(c)) ctx.error('TG2005', e.gw, `metadata.annotations["${PP_CIDRS_ANNOTATION}"]`, `"${c}" is not an IP address or CIDR`);
+    }
+    if (!out) out = { trustedCidrs: cidrs, headerTimeoutMs: 5000 };
+  }
+  return out;
 }

@@ -9,6 +9,7 @@ import { ClusterBuilder } from './clusters.js';
 import { DEFAULT_TRANSLATE_OPTIONS, TranslateContext, type TranslateOptions } from './context.js';
 import { buildListeners } from './gateways.js';
 import { buildSidecarInbound, buildSidecarOutbound } from './sidecar.js';
+import { mergeListeners, mergeStatuses, translateGatewayApi } from './gateway-api/index.js';
 
 export { DEFAULT_TRANSLATE_OPTIONS, type TranslateOptions } from './context.js';
 
@@ -21,7 +22,10 @@ export function translate(resources: ResourceSet, options: Partial<TranslateOpti
   const opts: TranslateOptions = { ...DEFAULT_TRANSLATE_OPTIONS, ...options };
   const ctx = new TranslateContext(resources, opts);
   const clusters = new ClusterBuilder(ctx);
-  const listeners = opts.sidecar ? [buildSidecarOutbound(ctx, clusters, opts.sidecar)] : buildListeners(ctx, clusters);
+  let listeners = opts.sidecar ? [buildSidecarOutbound(ctx, clusters, opts.sidecar)] : buildListeners(ctx, clusters);
+  // Kubernetes Gateway API resources serve gateways only (mesh routes are reported and skipped).
+  const gatewayApi = opts.sidecar ? undefined : translateGatewayApi(ctx, clusters);
+  if (gatewayApi) listeners = mergeListeners(ctx, listeners, gatewayApi);
   if (opts.sidecar?.inbound) {
     const inbound = buildSidecarInbound(ctx, opts.sidecar.inbound);
     listeners.push(inbound.listener);
@@ -37,7 +41,7 @@ export function translate(resources: ResourceSet, options: Partial<TranslateOpti
     listeners,
     clusters: clusters.clusters,
     secrets: ctx.secrets,
-    statuses: ctx.statuses(),
+    statuses: gatewayApi ? mergeStatuses(ctx.statuses(), gatewayApi.statuses) : ctx.statuses(),
     diagnostics: ctx.diagnostics,
   };
   return { snapshot: deepFreeze(snapshot), diagnostics: ctx.diagnostics };

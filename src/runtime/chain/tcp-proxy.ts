@@ -10,13 +10,38 @@
  * whose server closes right after the last byte must not lose its tail.
  */
 import type * as net from 'node:net';
-import type { TcpProxy, WeightedCluster } from '../../model/snapshot.js';
+import type { Cluster, TcpProxy, WeightedCluster } from '../../model/snapshot.js';
+import { isIP } from 'node:net';
+import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
 
 export interface TcpConnector {
   connectTcp(cluster: string, opts: { timeoutMs?: number; sni?: string }): Promise<{ socket: net.Socket; endpoint: string }>;
+  /** The cluster's settings (PROXY protocol toward it). */
+  get?(cluster: string): Cluster | undefined;
+}
+
+/** The PROXY header announcing the downstream client to an upstream that asked for one. */
+export function proxyHeaderFor(version: 'v1' | 'v2', info: ConnectionInfo): Buffer {
+  const source = { address: info.downstreamRemoteAddress, port: info.downstreamRemotePort };
+  const destination = { address: info.downstreamLocalAddress, port: info.downstreamLocalPort };
+  const valid = isIP(source.address) !== 0 && isIP(destination.address) !== 0;
+  if (version === 'v1') return valid ? encodeProxyV1(source, destination) : encodeProxyV1(undefined, undefined, 'UNKNOWN');
+  const peer = info.peerCertificate;
+  const cn = peer?.subject?.split('\n').find((l) => l.startsWith('CN='))?.slice(3);
+  const uri = peer ? subjectAltNames(peer).uri[0] : undefined;
+  const tlvs = sslTlvs({
+    ...(info.alpn ? { alpn: info.alpn } : info.alpnOffered?.[0] ? { alpn: info.alpnOffered[0] } : {}),
+    ...(info.sni ? { authority: info.sni } : {}),
+    ...(info.tlsVersion ? { tlsVersion: info.tlsVersion } : {}),
+    ...(info.cipher ? { cipher: info.cipher } : {}),
+    ...(cn ? { clientCn: cn } : {}),
+    ...(uri ? { clientUriSan: uri } : {}),
+    ...(peer ? { verified: info.peerCertificateVerified === true } : {}),
+  });
+  return valid ? encodeProxyV2({ command: 'PROXY', source, destination, tlvs }) : encodeProxyV2({ command: 'LOCAL', tlvs });
 }
 
 export interface TcpProxyEnv {
@@ -154,6 +179,8 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
         down.setTimeout(idle, onIdle);
         socket.setTimeout(idle, onIdle);
       }
+      const pp = env.clusters.get?.(target.cluster)?.proxyProtocol;
+      if (pp) socket.write(proxyHeaderFor(pp, info));
       if (replay && replay.length) socket.write(replay);
       // pipe() gives backpressure and, with end: true, forwards a FIN as a half-close.
       down.pipe(socket);

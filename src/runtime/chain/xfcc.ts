@@ -125,7 +125,10 @@ export function subjectAltNames(cert: X509Certificate): SubjectAltNames {
 }
 
 function quote(v: string): string {
-  return `"${v.indexOf('"') === -1 ? v : v.replace(/"/g, '\\"')}"`;
+  if (v.indexOf('"') === -1 && v.indexOf('\\') === -1) return `"${v}"`;
+  // `"` becomes `\"`; a backslash is doubled only where the parser would otherwise read it as
+  // an escape (before `"` or `\`, or at the end), so RFC 2253 escapes such as `\,` stay as they are.
+  return `"${v.replace(/\\(?=["\\]|$)/g, '\\\\').replace(/"/g, '\\"')}"`;
 }
 
 function quoteIfNeeded(v: string): string {
@@ -182,8 +185,8 @@ export function parseXfcc(value: string): Array<Record<string, string[]>> {
   for (let i = 0; i < value.length; i++) {
     const c = value[i]!;
     if (inQuotes) {
-      if (c === '\\' && value[i + 1] === '"') {
-        buf += '"';
+      if (c === '\\' && (value[i + 1] === '"' || value[i + 1] === '\\')) {
+        buf += value[i + 1];
         i++;
       } else if (c === '"') inQuotes = false;
       else buf += c;

@@ -11,6 +11,7 @@ import type { FilterChain, Listener } from '../../model/snapshot.js';
 import { setConnectionInfo, type ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { readClientHello } from './client-hello.js';
+import { readProxyHeader, trustedMatcher } from './proxy-protocol.js';
 import { tlsAlert, ALERT_UNRECOGNIZED_NAME, ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR } from './tls-alert.js';
 import { selectFilterChain } from './chain-select.js';
 import { proxyTcp, type TcpConnector } from '../chain/tcp-proxy.js';
@@ -26,14 +27,39 @@ export interface ChainRuntime {
   serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener): void;
   clusters: TcpConnector;
   telemetry: Telemetry;
+  /** Process-wide downstream limits (flags); defaults apply when absent. */
+  limits?: DownstreamLimits;
 }
+
+/** Downstream limits that come from flags rather than from Istio config (docs/security.md). */
+export interface DownstreamLimits {
+  /** Open connections per listener; the next one is closed at once (`listener_overflow`). */
+  maxConnections: number;
+  /** Downstream TLS handshake, from the end of the ClientHello to 'secure'. */
+  handshakeTimeoutMs: number;
+  /** HTTP/1.1: the whole request header block must arrive within this (slowloris). */
+  requestHeadersTimeoutMs: number;
+  /** HTTP/1.1 header block size in bytes (431 beyond). */
+  maxRequestHeaderBytes: number;
+  /** Header fields per request (431 beyond). */
+  maxRequestHeaders: number;
+}
+
+export const DEFAULT_LIMITS: DownstreamLimits = {
+  maxConnections: 100_000,
+  handshakeTimeoutMs: 10_000,
+  requestHeadersTimeoutMs: 10_000,
+  maxRequestHeaderBytes: 16 * 1024,
+  maxRequestHeaders: 100,
+};
 
 export interface ListenerState {
   config: Listener;
   runtime: ChainRuntime;
 }
 
-const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Compiled PROXY-protocol trust checks, per listener config. */
+const trustedByListener = new WeakMap<Listener, (addr?: string) => boolean>();
 
 export class ListenerRuntime {
   #server: net.Server;
@@ -97,6 +123,13 @@ export class ListenerRuntime {
     const { telemetry } = runtime;
     socket.on('error', () => {}); // each stage adds its own handling; never crash on a reset
     if (!this.#accepting) { socket.destroy(); return; }
+    if (this.#sockets.size >= (runtime.limits ?? DEFAULT_LIMITS).maxConnections) {
+      // Over the limit: close at once, without reading a byte or logging per connection (a flood
+      // must not turn into a log flood); the counter says how many.
+      socket.destroy();
+      telemetry.count('downstream_connections_refused_total', { listener: config.name, reason: 'listener_overflow' });
+      return;
+    }
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
     const info: ConnectionInfo = {
@@ -110,15 +143,54 @@ export class ListenerRuntime {
     };
     setConnectionInfo(socket, info);
     telemetry.count('downstream_connections_total', { listener: config.name });
+    if (config.proxyProtocol) {
+      this.#proxyProtocol(socket, info, this.#state);
+      return;
+    }
+    this.#inspect(socket, info, this.#state);
+  }
 
+  /**
+   * PROXY protocol first (before the ClientHello): only trusted peers (the load balancers) may
+   * send it, and on such a listener they must. The header's source becomes the downstream address.
+   */
+  #proxyProtocol(socket: net.Socket, info: ConnectionInfo, state: ListenerState): void {
+    const { config } = state;
+    const pp = config.proxyProtocol!;
+    let trusted = trustedByListener.get(config);
+    if (!trusted) trustedByListener.set(config, (trusted = trustedMatcher(pp.trustedCidrs)));
+    if (!trusted(socket.remoteAddress)) return this.#refuse(socket, info, config, 'proxy_protocol_untrusted');
+    socket.resume();
+    void readProxyHeader(socket, { timeoutMs: pp.headerTimeoutMs }).then((r) => {
+      if (socket.destroyed) return;
+      if (r.kind !== 'proxy') {
+        const reason = r.kind === 'timeout' ? 'proxy_protocol_timeout' : r.kind === 'closed' ? 'downstream_closed_early' : r.kind === 'not-proxy' ? 'proxy_protocol_missing' : 'proxy_protocol_malformed';
+        return this.#refuse(socket, info, config, reason, r.kind === 'malformed' ? r.detail : undefined);
+      }
+      info.proxyPeer = `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`;
+      if (r.command === 'PROXY' && r.source && r.destination) {
+        info.downstreamRemoteAddress = r.source.address;
+        info.downstreamRemotePort = r.source.port;
+        info.downstreamLocalAddress = r.destination.address;
+        info.downstreamLocalPort = r.destination.port;
+      }
+      if (r.rest.length) socket.unshift(r.rest);
+      socket.pause();
+      this.#inspect(socket, info, state);
+    }, () => socket.destroy());
+  }
+
+  #inspect(socket: net.Socket, info: ConnectionInfo, state0: ListenerState): void {
+    const { config, runtime } = state0;
+    const { telemetry } = runtime;
     if (config.inspector === 'none') {
       const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
       if (!sel.chain) return this.#refuse(socket, info, config, 'no_filter_chain');
       socket.resume();
-      this.#dispatch(socket, undefined, sel.chain, info, this.#state);
+      this.#dispatch(socket, undefined, sel.chain, info, state0);
       return;
     }
-    const state = this.#state;
+    const state = state0;
     socket.resume();
     void readClientHello(socket, { timeoutMs: config.clientHelloTimeoutMs, maxBytes: config.maxClientHelloBytes }).then((hello) => {
       if (socket.destroyed) return;
@@ -219,7 +291,7 @@ export class ListenerRuntime {
     let secured = false;
     const timer = setTimeout(() => {
       if (!secured) { fail('tls_handshake_timeout'); }
-    }, HANDSHAKE_TIMEOUT_MS);
+    }, (runtime.limits ?? DEFAULT_LIMITS).handshakeTimeoutMs);
     timer.unref();
     const fail = (reason: Reason, detail?: string) => {
       clearTimeout(timer);
