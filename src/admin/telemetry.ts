@@ -21,6 +21,31 @@ export type AccessLogListener = (entry: AccessLogEntry) => void;
 
 type Metric = client.Counter<string> | client.Gauge<string> | client.Histogram<string>;
 
+/** Increments of one label set not yet handed to prom-client. */
+interface Cell {
+  values: Record<string, string>;
+  pending: number;
+}
+
+/** Cells by label value, one level per label name (sorted), the last level holding the cells. */
+type CellTree = Map<string, CellTree | Cell>;
+
+interface Entry {
+  m: Metric;
+  labels: string[];
+  cells: CellTree;
+  /** Every cell of the tree, for collection. */
+  all: Cell[];
+}
+
+function flushCells(m: client.Counter<string> | client.Gauge<string>, cells: readonly Cell[]): void {
+  for (const c of cells) {
+    if (c.pending === 0) continue;
+    (m as client.Counter<string>).inc(c.values, c.pending);
+    c.pending = 0;
+  }
+}
+
 const HELP: Record<string, string> = {
   downstream_connections_total: 'Connections accepted, per listener',
   downstream_connections_active: 'Open downstream connections, per listener',
@@ -38,7 +63,7 @@ const HELP: Record<string, string> = {
 
 export class PromTelemetry implements Telemetry {
   readonly registry = new client.Registry();
-  readonly #metrics = new Map<string, { m: Metric; labels: string[] }>();
+  readonly #metrics = new Map<string, Entry>();
   readonly #accessDest: ReturnType<typeof pino.destination> | undefined;
   readonly #log: Logger;
   // The last N entries, as a fixed-size ring: the dashboard's "recent requests" without reading logs.
@@ -93,41 +118,81 @@ export class PromTelemetry implements Telemetry {
     return () => { this.#listeners.delete(listener); };
   }
 
-  #get(kind: 'counter' | 'gauge' | 'histogram', name: string, labels: Record<string, string> | undefined): { m: Metric; values: Record<string, string> } {
+  #entry(kind: 'counter' | 'gauge' | 'histogram', name: string, labels: Record<string, string> | undefined): Entry {
     let e = this.#metrics.get(name);
     if (!e) {
       const labelNames = Object.keys(labels ?? {}).sort();
+      const cells: CellTree = new Map();
+      const all: Cell[] = [];
       const cfg = { name: `tlsgate_${name}`, help: HELP[name] ?? name.replace(/_/g, ' '), labelNames, registers: [this.registry] };
-      const m = kind === 'counter' ? new client.Counter(cfg)
-        : kind === 'gauge' ? new client.Gauge(cfg)
+      // Counters and gauges hand their pending increments to prom-client when they are read.
+      const collect = (): void => flushCells(m as client.Counter<string> | client.Gauge<string>, all);
+      const m: Metric = kind === 'counter' ? new client.Counter({ ...cfg, collect })
+        : kind === 'gauge' ? new client.Gauge({ ...cfg, collect })
         : new client.Histogram({ ...cfg, buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] });
-      e = { m, labels: labelNames };
+      e = { m, labels: labelNames, cells, all };
       this.#metrics.set(name, e);
     }
+    return e;
+  }
+
+  #values(e: Entry, labels: Record<string, string> | undefined): Record<string, string> {
     const values: Record<string, string> = {};
     for (const l of e.labels) values[l] = labels?.[l] ?? '';
-    return { m: e.m, values };
+    return values;
+  }
+
+  /**
+   * The accumulator of one label set. Counting runs per request and per connection; prom-client's
+   * inc() validates and hashes the label object every call, so the hot path only adds to a number
+   * found by a string key, and prom-client sees the sum when the metric is collected.
+   */
+  #cell(kind: 'counter' | 'gauge', name: string, labels: Record<string, string> | undefined): { e: Entry; cell: Cell } {
+    const e = this.#entry(kind, name, labels);
+    // One Map level per label, keyed by the value itself: label values are mostly the same string
+    // objects call after call (listener and route names), whose hashes V8 keeps, so no key string
+    // is built or hashed per call.
+    let node: CellTree = e.cells;
+    const n = e.labels.length;
+    for (let i = 0; i < n - 1; i++) {
+      const v = labels?.[e.labels[i]!] ?? '';
+      let next = node.get(v) as CellTree | undefined;
+      if (next === undefined) node.set(v, (next = new Map()));
+      node = next;
+    }
+    const last = n === 0 ? '' : labels?.[e.labels[n - 1]!] ?? '';
+    let cell = node.get(last) as Cell | undefined;
+    if (cell === undefined) {
+      cell = { values: this.#values(e, labels), pending: 0 };
+      node.set(last, cell);
+      e.all.push(cell);
+      // The series exists from its first use, as it did when every call went to prom-client.
+      (e.m as client.Counter<string>).inc(cell.values, 0);
+    }
+    return { e, cell };
   }
 
   count(name: string, labels?: Record<string, string>, by = 1): void {
-    const { m, values } = this.#get('counter', name, labels);
-    (m as client.Counter<string>).inc(values, by);
+    // A counter never goes down (prom-client would throw at collection time).
+    if (!(by >= 0)) return;
+    this.#cell('counter', name, labels).cell.pending += by;
   }
 
   gauge(name: string, delta: number, labels?: Record<string, string>): void {
-    const { m, values } = this.#get('gauge', name, labels);
-    (m as client.Gauge<string>).inc(values, delta);
+    if (!Number.isFinite(delta)) return;
+    this.#cell('gauge', name, labels).cell.pending += delta;
   }
 
   observe(name: string, seconds: number, labels?: Record<string, string>): void {
-    const { m, values } = this.#get('histogram', name, labels);
-    (m as client.Histogram<string>).observe(values, seconds);
+    const e = this.#entry('histogram', name, labels);
+    (e.m as client.Histogram<string>).observe(this.#values(e, labels), seconds);
   }
 
   /** Sets a gauge to an absolute value (config generation, certificate expiry). */
   set(name: string, value: number, labels?: Record<string, string>): void {
-    const { m, values } = this.#get('gauge', name, labels);
-    (m as client.Gauge<string>).set(values, value);
+    const { e, cell } = this.#cell('gauge', name, labels);
+    cell.pending = 0; // increments before an absolute value are superseded by it
+    (e.m as client.Gauge<string>).set(cell.values, value);
   }
 
   log(level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void {

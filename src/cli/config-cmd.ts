@@ -74,12 +74,17 @@ async function localEntries(paths: string[], prefix: string, validate: { namespa
   return { ok, entries: await entriesFromFiles(prefix, loaded.files, loaded.resources) };
 }
 
-export async function configPush(o: { config: string[]; to: string; namespace: string; labels?: string; dryRun?: boolean; etcd: EtcdConnectionOptions },
+export async function configPush(o: { config: string[]; to: string; namespace: string; labels?: string; dryRun?: boolean; allowEmpty?: boolean; etcd: EtcdConnectionOptions },
   out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {
   const t = target(o.to, '--to');
   const local = await localEntries(o.config, t.prefix, { namespace: o.namespace, ...(o.labels !== undefined ? { labels: o.labels } : {}) }, err);
   if (!local.ok) {
     err.write(`tlsgate: the configuration has errors: nothing was written to ${t.url}\n`);
+    return 1;
+  }
+  // An empty directory (or a wrong one) would delete every stored resource: ask for it explicitly.
+  if (local.entries.size === 0 && !o.allowEmpty) {
+    err.write(`tlsgate: no resources under ${o.config.join(', ')}: nothing was written (--allow-empty clears ${t.url})\n`);
     return 1;
   }
   const client = createEtcdClient(t, o.etcd);
@@ -158,8 +163,11 @@ export function registerConfigCommands(program: Command): void {
     .requiredOption('--to <url>', 'etcd://host:2379[,host:2379]/<prefix>')
     .option('--namespace <ns>', 'validate as a proxy in this namespace (credentialName lookups)', 'istio-system')
     .option('--labels <k=v,...>', 'validate as a proxy with these workload labels')
-    .option('--dry-run', 'validate and show what would change; write nothing'))
-    .action((o) => wrap(() => configPush({ config: o.config, to: o.to, namespace: o.namespace, labels: o.labels, dryRun: o.dryRun === true, etcd: etcdOptionsFrom(o) })));
+    .option('--dry-run', 'validate and show what would change; write nothing')
+    .option('--allow-empty', 'push even when the local config has no resource (deletes every stored one)'))
+    .action((o) => wrap(() => configPush({
+      config: o.config, to: o.to, namespace: o.namespace, labels: o.labels, dryRun: o.dryRun === true, allowEmpty: o.allowEmpty === true, etcd: etcdOptionsFrom(o),
+    })));
   addEtcdOptions(config.command('get')
     .description('print the resources stored under an etcd prefix as multi-document YAML')
     .requiredOption('--from <url>', 'etcd://host:2379[,host:2379]/<prefix>'))

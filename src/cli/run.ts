@@ -20,7 +20,7 @@ import { DataPlane } from '../runtime/lifecycle.js';
 import type { DownstreamLimits } from '../runtime/listener/listener-runtime.js';
 import { PromTelemetry } from '../admin/telemetry.js';
 import { startAdminServer, configDump } from '../admin/server.js';
-import { FileSource } from '../sources/file-source.js';
+import { FileSource, contentHash } from '../sources/file-source.js';
 import { buildSnapshotFrom, mergeResourceSets, parseLabels } from './pipeline.js';
 import { ConfigSources } from '../sources/etcd-sources.js';
 import type { EtcdConnectionOptions } from '../sources/etcd.js';
@@ -223,8 +223,25 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   // Reloads run one at a time; a change during a reload triggers one more.
   let reloading: Promise<ApplyRecord> | undefined;
   let pending = false;
+  /**
+   * Builds from files that hold still: a writer that truncates then writes (shell redirection,
+   * writeFile) shows an empty file for a moment, and a snapshot built from that would drop
+   * listeners. So read only after the content was unchanged for a short while, and build again
+   * if it changed while being read.
+   */
+  const buildStable = async () => {
+    const paths = sources.filePaths;
+    if (paths.length === 0) return build();
+    for (let i = 0; ; i++) {
+      const before = await contentHash(paths);
+      await sleep(40);
+      if ((await contentHash(paths)) !== before && i < 25) continue;
+      const r = await build();
+      if ((await contentHash(paths)) === before || i >= 25) return r;
+    }
+  };
   const doReload = async (trigger: string): Promise<ApplyRecord> => {
-    const r = await build();
+    const r = await buildStable();
     const blocking = blockingErrors(r.diagnostics);
     if (blocking.length) {
       for (const d of blocking) telemetry.log('warn', 'config rejected: ' + formatDiagnostic(d));

@@ -28,6 +28,9 @@ export interface DataPlaneOptions {
   limits?: Partial<DownstreamLimits>;
 }
 
+/** HTTP/1.1 keep-alive idle timeout. */
+const KEEP_ALIVE_TIMEOUT_MS = 60_000;
+
 /** Idle HTTP/2 session (no frames either way) before it is closed: Envoy's stream idle default. */
 const H2_SESSION_IDLE_MS = 300_000;
 
@@ -117,7 +120,7 @@ class Generation implements ChainRuntime {
       };
       const limits = this.limits;
       const h1 = http.createServer({
-        keepAliveTimeout: 60_000,
+        keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
         headersTimeout: limits.requestHeadersTimeoutMs,
         requestTimeout: Math.max(300_000, limits.requestHeadersTimeoutMs),
         maxHeaderSize: limits.maxRequestHeaderBytes,
@@ -191,15 +194,17 @@ class Generation implements ChainRuntime {
   }
 
   /**
-   * A newer generation took over (or the process drains): idle HTTP/1.1 connections close now,
-   * busy ones after their current response; HTTP/2 sessions get GOAWAY and finish their streams.
+   * A newer generation took over (or the process drains): HTTP/1.1 connections close after their
+   * next response; HTTP/2 sessions get GOAWAY and finish their streams.
    */
   retire(): void {
     this.#retired = true;
-    this.closeIdle();
-    // Stop the servers' timeout tracking once a header timeout has had time to cut off anyone
-    // still sending headers here.
-    const t = setTimeout(() => { for (const s of this.#http.values()) s.h1.close(); }, this.limits.requestHeadersTimeoutMs + 2_000);
+    // Idle keep-alive connections are not closed here: a client may already be writing its next
+    // request on one, and it would see a reset. Their next response says `connection: close`, or
+    // the keep-alive timeout ends them. After that window nothing idle is left to race with, and
+    // close() stops the servers' header-timeout tracking (which keeps the generation alive).
+    const t = setTimeout(() => { for (const s of this.#http.values()) s.h1.close(); },
+      KEEP_ALIVE_TIMEOUT_MS + this.limits.requestHeadersTimeoutMs + 2_000);
     t.unref();
     for (const s of this.#sessions) s.close();
   }

@@ -289,6 +289,13 @@ spec:
   assert.equal(diff.code, 1);
   assert.match(diff.stdout, /\+ \/tlsgate\/test\/networking\.istio\.io\/Gateway\/edge\/tls/);
   for (const a of ADDRESSES) assert.equal((await get(a, gwPort, '/v3')).status, 404);
+  // An empty directory would delete everything: refused unless asked for.
+  const empty = path.join(workDir, 'empty');
+  await mkdir(empty, { recursive: true });
+  const none = await runCli(['config', 'push', '--config', empty, '--to', url()]);
+  assert.equal(none.code, 1);
+  assert.match(none.stderr, /--allow-empty/);
+  assert.deepEqual(await storeState(), before, 'etcd unchanged');
 });
 
 test('etcd stops: every replica keeps serving and reports it; it comes back: they follow again', { skip }, async (t) => {

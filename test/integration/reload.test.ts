@@ -21,7 +21,9 @@ after(async () => {
 });
 
 /** An upstream that answers with its name, or streams 8 MiB slowly on /big. */
-async function startUpstream(name: string): Promise<{ port: number; close(): void }> {
+async function startUpstream(name: string): Promise<{ port: number; close(): void; delayed: Promise<void> }> {
+  let markDelayed: () => void = () => {};
+  const delayed = new Promise<void>((r) => { markDelayed = r; });
   const big = Buffer.alloc(8 * 1024 * 1024, 7);
   const server = http.createServer((req, res) => {
     if (req.url === '/big') {
@@ -37,13 +39,14 @@ async function startUpstream(name: string): Promise<{ port: number; close(): voi
       return;
     }
     if (req.url?.startsWith('/delay/')) {
+      markDelayed();
       setTimeout(() => res.end(`${name} delayed\n`), Number(req.url.slice(7)));
       return;
     }
     res.end(`${name}\n`);
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { port: (server.address() as { port: number }).port, close: () => { server.closeAllConnections(); server.close(); } };
+  return { port: (server.address() as { port: number }).port, close: () => { server.closeAllConnections(); server.close(); }, delayed };
 }
 
 function config(port: number, upstreamPort: number, body?: string): string {
@@ -91,7 +94,7 @@ function get(port: number, p: string, agent?: http.Agent): Promise<{ status: num
   });
 }
 
-async function waitFor(pred: () => Promise<boolean>, ms = 5000): Promise<void> {
+async function waitFor(pred: () => Promise<boolean>, ms = 15000): Promise<void> {
   const end = Date.now() + ms;
   while (Date.now() < end) {
     if (await pred()) return;
@@ -137,7 +140,7 @@ test('edits apply live: 20 route changes under a request loop, an 8 MiB transfer
   })();
   for (let i = 1; i <= 20; i++) {
     await writeFile(file, config(port, up.port, `v${i}`));
-    await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`, 5000);
+    await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`);
   }
   stop = true;
   await loop;
@@ -222,18 +225,18 @@ spec:
   await writeFile(path.join(mount, '..v2', 'tls.key'), b.keyPem, { mode: 0o600 });
   await symlink('..v2', path.join(mount, '..data_tmp'));
   await rename(path.join(mount, '..data_tmp'), path.join(mount, '..data'));
-  await waitFor(async () => /O ?= ?second/.test(await subject()), 5000);
+  await waitFor(async () => /O ?= ?second/.test(await subject()));
 
   // An invalid pair (key of another cert) is refused; the old pair keeps serving.
   await writeFile(path.join(mount, '..v2', 'tls.key'), c.keyPem, { mode: 0o600 });
-  await waitFor(async () => (await generation(gw)).lastApply.ok === false, 5000);
+  await waitFor(async () => (await generation(gw)).lastApply.ok === false);
   assert.match(await subject(), /O ?= ?second/);
 
   // A plain rewrite of both files, then SIGHUP for good measure.
   await writeFile(path.join(mount, '..v2', 'tls.crt'), c.certPem);
   await writeFile(path.join(mount, '..v2', 'tls.key'), c.keyPem, { mode: 0o600 });
   process.kill(gw.pid, 'SIGHUP');
-  await waitFor(async () => /O ?= ?third/.test(await subject()), 5000);
+  await waitFor(async () => /O ?= ?third/.test(await subject()));
 
   // The connection opened before the rotations still works.
   assert.equal(await held.request(), 'ok');
@@ -269,7 +272,7 @@ test('SIGTERM drains: /ready turns 503, an in-flight request completes, exit 0',
   await writeFile(path.join(dir, 'gw.yaml'), config(port, up.port));
   const gw = await startTlsgate({ configPaths: [dir], args: ['--drain-grace', '300ms', '--drain-timeout', '10s'] });
   const inflight = get(port, '/delay/1200');
-  await sleep(200);
+  await up.delayed; // the request is at the upstream: it is in flight through the gateway
   const exit = gw.stop('SIGTERM');
   await sleep(100);
   assert.equal((await gw.admin('/ready')).status, 503);
