@@ -331,6 +331,22 @@ describe('header limits and timeouts', () => {
     assert.ok(res.ms < 8_000, `closed after ${res.ms} ms`);
     await gw.waitForAccessLog((e) => e.reason === 'request_headers_timeout');
   });
+  it('the header timeout does not cut an idle keep-alive connection between requests', async () => {
+    const s = net.connect({ host: '127.0.0.1', port: H });
+    s.on('error', () => {});
+    let text = '';
+    s.on('data', (c: Buffer) => { text += c.toString('latin1'); });
+    await new Promise<void>((r) => s.once('connect', () => r()));
+    const count = (): number => (text.match(/HTTP\/1\.1 200 /g) ?? []).length;
+    s.write('GET /ka-1 HTTP/1.1\r\nHost: a\r\n\r\n');
+    for (let i = 0; i < 50 && count() < 1; i++) await sleep(50);
+    await sleep(2_500); // 2.5 x the 1 s header timeout, well under the 60 s keep-alive timeout
+    s.write('GET /ka-2 HTTP/1.1\r\nHost: a\r\n\r\n');
+    for (let i = 0; i < 50 && count() < 2; i++) await sleep(50);
+    s.destroy();
+    assert.equal(count(), 2, text.slice(0, 200));
+    assert.ok(!text.includes(' 408 '));
+  });
   it('a stalled TLS handshake is closed by --handshake-timeout', async () => {
     // A real ClientHello, then silence: the server's flight is sent, the client never finishes.
     const r = await raw(S, hello, 6_000);

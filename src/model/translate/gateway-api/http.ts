@@ -185,6 +185,14 @@ export class HttpRouteBuilder {
     if (rewrite?.hostname) a.rewriteAuthority = rewrite.hostname;
     if (rewrite?.path?.type === 'ReplaceFullPath') a.rewritePath = rewrite.path.replaceFullPath ?? '/';
     else if (rewrite?.path?.type === 'ReplacePrefixMatch') a.rewritePathPrefix = rewrite.path.replacePrefixMatch ?? '/';
+    // Fields of a rule that tlsgate does not implement are named, never silently dropped.
+    const extra = rule as unknown as Record<string, unknown>;
+    for (const f of ['retry', 'sessionPersistence'] as const) {
+      if (extra[f] !== undefined) this.ctx.warn('TG4001', hr, `${path}.${f}`, `not supported yet: ${f}: it has no effect`, 'remove it, or expect requests to behave as without it');
+    }
+    if (rule.timeouts?.backendRequest !== undefined) {
+      this.ctx.warn('TG4001', hr, `${path}.timeouts.backendRequest`, 'not supported yet: timeouts.backendRequest: it has no effect (timeouts.request applies)');
+    }
     if (rule.timeouts?.request !== undefined) {
       const t = parseGatewayDuration(rule.timeouts.request);
       if (Number.isNaN(t)) this.ctx.warn('TG2005', hr, `${path}.timeouts.request`, `invalid duration "${rule.timeouts.request}": ignored`, 'use e.g. 500ms, 10s, 1m30s');
