@@ -72,12 +72,12 @@ program.command('run')
   .option('--etcd-key <file>', 'etcd: client private key (PEM) for mTLS')
   .option('--etcd-user <name>', 'etcd: user for password auth')
   .option('--etcd-password <password>', 'etcd: password (prefer the TLSGATE_ETCD_PASSWORD environment variable: arguments show in ps)')
-  .option('--workers <n>', 'worker processes sharing the listeners (default 1; "auto" = one per core)', (v: string) => {
+  .option('--workers <n>', 'worker processes sharing the listeners ("auto" = one per core; 1 = this process serves)', (v: string) => {
     if (v === 'auto') return availableParallelism();
     const n = Number(v);
     if (!Number.isInteger(n) || n < 1 || n > 256) throw new InvalidArgumentError('--workers must be an integer 1-256 or "auto"');
     return n;
-  }, 1)
+  }, availableParallelism())
   .action(async (o) => {
     const { runCommand } = await import('./run.js');
     const { etcdOptionsFrom } = await import('./config-cmd.js');

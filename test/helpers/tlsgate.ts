@@ -93,6 +93,8 @@ export async function startTlsgate(opts: StartTlsgateOptions): Promise<Gateway> 
     const given = opts.args ?? [];
     if (!given.includes('--bind-address')) args.push('--bind-address', '127.0.0.1');
     if (!given.includes('--drain-grace')) args.push('--drain-grace', '0');
+    // One process unless a test asks for workers: its pid is the one that serves and logs.
+    if (!given.includes('--workers')) args.push('--workers', '1');
   }
 
   const child = spawn(process.execPath, args, {
