@@ -138,12 +138,17 @@ test('edits apply live: 20 route changes under a request loop, an 8 MiB transfer
       }
     }
   })();
-  for (let i = 1; i <= 20; i++) {
-    await writeFile(file, config(port, up.port, `v${i}`));
-    await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`);
+  try {
+    for (let i = 1; i <= 20; i++) {
+      await writeFile(file, config(port, up.port, `v${i}`));
+      await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`).catch((e: Error) => {
+        throw new Error(`edit v${i} not applied: ${e.message}\n${gw.logs().slice(-30).join('\n')}`);
+      });
+    }
+  } finally {
+    stop = true; // the request loop must end even when an assertion fails
+    await loop;
   }
-  stop = true;
-  await loop;
   assert.deepEqual(failures, []);
   assert.ok(ok > 20, `the loop made progress (${ok} requests)`);
   const g = await generation(gw);
