@@ -27,7 +27,15 @@ export interface ExplainCommandOptions {
   path?: string;
   address?: string;
   plaintext?: boolean;
+  /** Explain as a sidecar (same meaning as for `run`). */
+  sidecar?: boolean;
+  outboundPort?: number;
+  inboundPort?: number;
+  appPort?: number;
+  serviceAccount?: string;
 }
+
+type TargetOptions = Pick<ExplainCommandOptions, 'sni' | 'port' | 'alpn' | 'header' | 'method' | 'path' | 'address' | 'plaintext' | 'sidecar' | 'outboundPort' | 'inboundPort' | 'appPort'>;
 
 /** A usage error: printed as is, exit 2. */
 export class ExplainUsageError extends Error {}
@@ -50,7 +58,8 @@ function alpnList(s: string | undefined): string[] | undefined {
  * Turns the target and flags into what the client does.
  * @example parseTarget('https://a.example.com:8443/x?y=1', { header: [] }) // port 8443, SNI a.example.com, GET /x?y=1
  */
-export function parseTarget(target: string | undefined, o: Pick<ExplainCommandOptions, 'sni' | 'port' | 'alpn' | 'header' | 'method' | 'path' | 'address' | 'plaintext'>): ExplainQuery {
+export function parseTarget(target: string | undefined, o: TargetOptions): ExplainQuery {
+  if (o.sidecar) return sidecarTarget(target, o);
   const headers = headerMap(o.header ?? []);
   const method = (o.method ?? 'GET').toUpperCase();
   const alpn = alpnList(o.alpn);
@@ -101,6 +110,61 @@ export function parseTarget(target: string | undefined, o: Pick<ExplainCommandOp
     if (tls && o.sni !== undefined) q.sni = o.sni.toLowerCase();
     if (o.path !== undefined || o.method !== undefined || Object.keys(headers).length > 0) {
       q.http = { authority: headers['host'] ?? o.sni ?? '', path: o.path ?? '/', method, headers };
+    }
+  }
+  if (o.address !== undefined) q.address = o.address;
+  return q;
+}
+
+/**
+ * `--sidecar`: a URL is what the app asks its outbound proxy (http:// = an absolute-form request
+ * through HTTP_PROXY; https:// and tls:// = a CONNECT tunnel through HTTPS_PROXY with the app's
+ * own ClientHello inside; tcp:// = a CONNECT tunnel with raw bytes). No target = a peer at the
+ * inbound port (--port, default --inbound-port), mTLS by default, --plaintext, or --alpn.
+ * @example sidecarTarget('https://edition.cnn.com/', { sidecar: true, header: [] }) // CONNECT edition.cnn.com:443 on 15001, SNI edition.cnn.com
+ */
+export function sidecarTarget(target: string | undefined, o: TargetOptions): ExplainQuery {
+  const headers = headerMap(o.header ?? []);
+  const method = (o.method ?? 'GET').toUpperCase();
+  const alpn = alpnList(o.alpn);
+  let q: ExplainQuery;
+  if (target === undefined) {
+    if (o.appPort === undefined) throw new ExplainUsageError('--sidecar with no target explains the inbound side: give --app-port (and --port, default the --inbound-port 15006), or a target URL for the outbound side');
+    const port = o.port ?? o.inboundPort ?? 15006;
+    const tls = !o.plaintext;
+    // A peer sidecar offers Istio's mTLS ALPN; --alpn says otherwise (e.g. an app's own TLS).
+    const offered = tls ? alpn ?? ['istio-peer-exchange', 'istio'] : [];
+    const parts = ['inbound', tls ? `tls alpn=${offered.join(',') || '(none)'}` : 'plaintext', o.sni ? `sni=${o.sni}` : '', `port=${port}`, `app-port=${o.appPort}`].filter(Boolean);
+    q = { target: parts.join(' '), port, transport: tls ? 'tls' : 'raw_buffer', alpn: offered, sidecar: { role: 'inbound', appPort: o.appPort } };
+    if (tls && o.sni !== undefined) q.sni = o.sni.toLowerCase();
+    if (o.path !== undefined || o.method !== undefined || Object.keys(headers).length > 0) {
+      q.http = { authority: headers['host'] ?? `127.0.0.1:${o.appPort}`, path: o.path ?? '/', method, headers };
+    }
+  } else {
+    const m = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target);
+    const scheme = m?.[1]!.toLowerCase();
+    if (!scheme || !['https', 'http', 'tcp', 'tls'].includes(scheme)) throw new ExplainUsageError(`target "${target}" is not a URL the app would send: use http://host[:port]/path (HTTP_PROXY), https://host[:port]/ or tls://host:port (HTTPS_PROXY, CONNECT), tcp://host:port`);
+    let url: URL;
+    try {
+      url = new URL(target);
+    } catch {
+      throw new ExplainUsageError(`target "${target}" is not a valid URL`);
+    }
+    const host = url.hostname.replace(/^\[|\]$/g, '').toLowerCase();
+    const proxyPort = o.outboundPort ?? 15001;
+    if (scheme === 'http') {
+      q = { target, port: proxyPort, transport: 'raw_buffer', alpn: [], http: { authority: url.host, path: o.path ?? `${url.pathname || '/'}${url.search}`, method, headers }, sidecar: { role: 'outbound' } };
+    } else {
+      const port = url.port ? Number(url.port) : scheme === 'https' ? 443 : undefined;
+      if (port === undefined) throw new ExplainUsageError(`target "${target}" needs a port (${scheme}://host:port)`);
+      const authority = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+      q = { target, port: proxyPort, transport: 'raw_buffer', alpn: [], http: { authority, path: '', method: 'CONNECT', headers: {} }, sidecar: { role: 'outbound', connect: { host, port } } };
+      if (scheme !== 'tcp') {
+        // The tunnel starts with the app's own ClientHello (no SNI for an IP address).
+        const sni = o.sni ?? (isIP(host) ? undefined : host);
+        if (sni !== undefined) q.sni = sni.toLowerCase();
+        q.alpn = alpn ?? (scheme === 'https' ? ['h2', 'http/1.1'] : []);
+      }
     }
   }
   if (o.address !== undefined) q.address = o.address;
@@ -175,7 +239,19 @@ export async function explainCommand(
     err.write('tlsgate explain: --config is required\n');
     return 2;
   }
-  const translateOptions = { proxyNamespace: opts.namespace, ...(labels ? { labels } : {}) };
+  // As `run` builds it: a sidecar serves the mesh on loopback, with its SPIFFE identity.
+  const bindAddress = opts.address ?? '127.0.0.1';
+  const sidecar = opts.sidecar ? {
+    outboundAddress: bindAddress,
+    outboundPort: opts.outboundPort ?? 15001,
+    ...(opts.appPort !== undefined ? { inbound: { address: bindAddress, port: opts.inboundPort ?? 15006, appPort: opts.appPort } } : {}),
+  } : undefined;
+  const translateOptions = {
+    proxyNamespace: opts.namespace,
+    ...(labels ? { labels } : {}),
+    ...(sidecar ? { sidecar, bindAddress } : {}),
+    ...(sidecar && opts.serviceAccount ? { identity: `spiffe://cluster.local/ns/${opts.namespace}/sa/${opts.serviceAccount}` } : {}),
+  };
   const built = await buildSnapshot(opts.config, translateOptions);
   // A configuration that cannot be read at all cannot be explained.
   const fatal = built.diagnostics.filter((d) => d.severity === 'error' && d.code.startsWith('TG1'));

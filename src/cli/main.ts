@@ -123,6 +123,11 @@ program.command('explain')
   .option('--path <path>', 'request path (default: from the URL, else /)')
   .option('--address <addr>', 'listener address, when several listeners share the port')
   .option('--plaintext', 'with --port and no target: the client sends plaintext, not a ClientHello')
+  .option('--sidecar', 'explain as a sidecar (as `run --sidecar`): a URL is what the app sends through HTTP_PROXY/HTTPS_PROXY; no URL = a peer at the inbound port')
+  .option('--outbound-port <port>', 'sidecar: the outbound proxy port', int('--outbound-port'))
+  .option('--inbound-port <port>', 'sidecar: the inbound mTLS port', int('--inbound-port'))
+  .option('--app-port <port>', 'sidecar: the app port the inbound side serves (enables the inbound side)', int('--app-port'))
+  .option('--service-account <sa>', 'sidecar: the proxy\'s service account (its SPIFFE identity, with --namespace)')
   .exitOverride((e) => process.exit(e.exitCode === 0 ? 0 : 2))
   .action(async (target: string | undefined, o) => {
     const { explainCommand } = await import('./explain.js');

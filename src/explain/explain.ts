@@ -18,7 +18,8 @@ import type {
 } from '../model/snapshot.js';
 import { selectFilterChain } from '../runtime/listener/chain-select.js';
 import { hostPort, isMisdirected, matchRoute, normalizeHost, selectVirtualHost } from '../runtime/chain/route-match.js';
-import { redirectLocation } from '../runtime/chain/http.js';
+import { redirectLocation, splitAbsoluteForm } from '../runtime/chain/http.js';
+import { connectCandidates, selectTunnelRoute } from '../runtime/chain/connect.js';
 
 // ------------------------------------------------------------------ inputs
 
@@ -35,7 +36,18 @@ export interface ExplainQuery {
   alpn: string[];
   /** Present when the client speaks HTTP over the connection. */
   http?: ExplainHttpRequest;
+  /** Sidecar roles (`--sidecar`): the app through the outbound proxy, or a peer at the inbound port. */
+  sidecar?: SidecarQuery;
 }
+
+/**
+ * outbound: the app sends an absolute-form request (HTTP_PROXY), or `connect` opens a CONNECT
+ * tunnel (HTTPS_PROXY) whose first bytes are the app's own ClientHello with SNI `query.sni`.
+ * inbound: a peer connects to the inbound port (query.port) that serves 127.0.0.1:appPort.
+ */
+export type SidecarQuery =
+  | { role: 'outbound'; connect?: { host: string; port: number } }
+  | { role: 'inbound'; appPort: number };
 
 export interface ExplainHttpRequest {
   authority: string;
@@ -166,10 +178,31 @@ export interface Explanation {
     action?: string;
   };
   tcp?: { name: string; origin?: string; idleTimeoutMs: number };
+  mesh?: MeshExplanation;
   clusters: ClusterExplanation[];
   /** Why nothing matched and what came closest. */
   nearest: string[];
   notes: string[];
+}
+
+/** Sidecar roles: how the request was routed, and where mTLS wraps the stream. */
+export interface MeshExplanation {
+  role: 'sidecar-outbound' | 'sidecar-inbound';
+  /** Outbound HTTP: the port routes matched on (from the absolute-form authority; 80 by default). */
+  routePort?: number;
+  /** Outbound CONNECT: the tunnel and the route that took it. */
+  tunnel?: {
+    target: string;
+    /** true when a tls route claims the port, so the tunnelled ClientHello's SNI decides. */
+    routedBySni: boolean;
+    route?: string;
+    selectedBy?: 'sni' | 'host';
+    pattern?: string;
+  };
+  /** Inbound: the PeerAuthentication in effect for the app port. */
+  peerAuthentication?: { mode: string; from: string };
+  /** Where mTLS wraps the stream, in words: one line per cluster (outbound) or for the hop (inbound). */
+  wrapping: string[];
 }
 
 // ------------------------------------------------------------------ helpers
@@ -311,7 +344,7 @@ class Explainer {
     this.decide();
     // A fixed key order, so --json output diffs cleanly.
     const o = this.out;
-    const keys: (keyof Explanation)[] = ['target', 'client', 'outcome', 'matched', 'summary', 'listener', 'chain', 'tls', 'http', 'tcp', 'clusters', 'nearest', 'notes'];
+    const keys: (keyof Explanation)[] = ['target', 'client', 'outcome', 'matched', 'summary', 'listener', 'chain', 'tls', 'http', 'tcp', 'mesh', 'clusters', 'nearest', 'notes'];
     const ordered: Record<string, unknown> = {};
     for (const k of keys) if (o[k] !== undefined) ordered[k] = o[k];
     return ordered as unknown as Explanation;
@@ -346,8 +379,10 @@ class Explainer {
     // The runtime reads no ClientHello on a plaintext listener: every connection is raw bytes.
     const transport = l.inspector === 'none' ? 'raw_buffer' : q.transport;
     const sel = selectFilterChain(l, transport === 'tls' ? { transport, sni: q.sni, alpn: q.alpn } : { transport });
+    if (q.sidecar?.role === 'inbound') this.inboundPolicy(l);
     if (!sel.chain) {
-      this.noChain(l, sel.reason);
+      if (q.sidecar?.role === 'inbound' && this.out.mesh?.peerAuthentication) this.inboundRefused(l, sel.reason);
+      else this.noChain(l, sel.reason);
       return;
     }
     const fc = sel.chain;
@@ -376,9 +411,16 @@ class Explainer {
         return;
       case 'tcp':
         this.tcp(fc.filter);
+        if (q.sidecar?.role === 'inbound') this.inboundWrapping(fc);
         return;
       case 'http':
+        if (q.sidecar?.role === 'outbound' && q.sidecar.connect) {
+          if (fc.filter.forwardProxy === true) this.connect(fc.filter, q.sidecar.connect);
+          else this.fail('rejected', `port ${q.port} is not a sidecar outbound proxy: CONNECT is not served here`);
+          return;
+        }
         this.http(l, fc.filter);
+        if (q.sidecar?.role === 'inbound') this.inboundWrapping(fc);
         return;
     }
   }
@@ -599,6 +641,7 @@ class Explainer {
       const t = c.tls;
       const verifyName = t.insecureSkipVerify ? 'not verified (insecureSkipVerify)'
         : t.subjectAltNames.length ? `SAN one of ${t.subjectAltNames.join(', ')}`
+          : t.mode === 'ISTIO_MUTUAL' ? 'any identity the mesh CA issued (the chain is checked against the mesh roots; no SAN is pinned)'
           : t.sni !== undefined ? `SAN must match SNI ${t.sni}`
             : t.autoSni ? 'SAN must match the request Host' : 'chain only (no name to check)';
       const up: Exclude<ClusterExplanation['upstreamTls'], undefined | { mode: 'plaintext' }> = {
@@ -616,9 +659,20 @@ class Explainer {
 
   http(l: Listener, hcm: HttpConnectionManager): void {
     const { q } = this;
-    const req: ExplainHttpRequest = q.http ?? { authority: q.sni ?? '', path: '/', method: 'GET', headers: {} };
+    const defaultAuthority = q.sidecar?.role === 'inbound' ? `127.0.0.1:${q.sidecar.appPort}` : q.sni ?? '';
+    const req: ExplainHttpRequest = q.http ?? { authority: defaultAuthority, path: '/', method: 'GET', headers: {} };
     if (!q.http) this.out.notes.push(`no request given: assuming GET / with Host ${req.authority || '(none)'}`);
-    const authority = req.headers['host'] ?? req.authority;
+    let authority = req.headers['host'] ?? req.authority;
+    let routePort = l.port;
+    if (hcm.forwardProxy === true && q.sidecar?.role === 'outbound') {
+      // As the runtime does: the absolute-form target names the destination and its port.
+      const abs = splitAbsoluteForm(`http://${req.authority}${req.path}`);
+      if (abs) {
+        authority = abs.authority;
+        routePort = hostPort(authority) ?? 80;
+      }
+      this.mesh('sidecar-outbound').routePort = routePort;
+    }
     const h: NonNullable<Explanation['http']> = { routeConfig: hcm.routeConfig.name, scheme: hcm.scheme };
     this.out.http = h;
     if (this.out.client.http) this.out.client.http.scheme = hcm.scheme;
@@ -663,7 +717,7 @@ class Explainer {
       this.ok('redirect', `the server sets httpsRedirect: 301 to ${loc}`);
       return;
     }
-    const sel = matchRoute(vh, { path: req.path, method: req.method, authority, scheme: hcm.scheme, headers: lowerKeys(req.headers), port: l.port });
+    const sel = matchRoute(vh, { path: req.path, method: req.method, authority, scheme: hcm.scheme, headers: lowerKeys(req.headers), port: routePort });
     if (!sel) {
       h.status = 404;
       this.fail('not_found', `no route of virtual host ${vh.name} matches ${req.method} ${req.path}: 404`);
@@ -704,6 +758,139 @@ class Explainer {
       case 'route':
         this.clusters(a.clusters);
         this.ok('forwarded', `${req.method} ${req.path} is proxied to ${this.clusterSummary()}`);
+        if (this.q.sidecar?.role === 'outbound') this.outboundWrapping(false);
+    }
+  }
+
+  // ---------------------------------------------------------------- sidecar
+
+  mesh(role: MeshExplanation['role']): MeshExplanation {
+    this.out.mesh ??= { role, wrapping: [] };
+    return this.out.mesh;
+  }
+
+  /** CONNECT host:port on the outbound proxy: the tunnel route, chosen as handleConnect chooses it. */
+  connect(hcm: HttpConnectionManager, target: { host: string; port: number }): void {
+    const { q } = this;
+    const t = `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
+    const mesh = this.mesh('sidecar-outbound');
+    const routes = hcm.connectRoutes ?? [];
+    const cand = connectCandidates(routes, t);
+    if (!cand) {
+      this.fail('bad_request', `CONNECT ${t} is not host:port: 400`);
+      return;
+    }
+    const tunnel: NonNullable<MeshExplanation['tunnel']> = { target: t, routedBySni: cand.bySni.length > 0 };
+    mesh.tunnel = tunnel;
+    const list = () => {
+      const lines = routes.map((r) => `tunnel route ${r.name}: port ${r.port ?? 'any'}, ${r.serverNames.length ? `SNI ${r.serverNames.join(', ')}` : `host ${r.hosts.join(', ')}`}`);
+      this.out.nearest.push(...(lines.length ? lines : ['no tunnel routes: no mesh VirtualService has tls/tcp routes and no ServiceEntry has a TLS/HTTPS/TCP port']));
+    };
+    if (cand.bySni.length === 0 && !cand.byHost) {
+      this.fail('not_found', `no tunnel route for CONNECT ${t}: 404 (nothing claims port ${target.port} by SNI, and no route names host ${cand.host})`);
+      list();
+      this.nearVirtualServices(cand.host);
+      return;
+    }
+    const sel = selectTunnelRoute(cand, q.sni);
+    if (!sel) {
+      this.fail('rejected', `CONNECT ${t} is answered 200, then a tls route claims port ${target.port} and none matches SNI ${q.sni ?? '(none)'}, and no route names host ${cand.host}: the tunnel is closed`);
+      list();
+      return;
+    }
+    tunnel.route = sel.route.name;
+    tunnel.selectedBy = sel.by;
+    const name = sel.by === 'sni' ? q.sni! : cand.host;
+    const pats = sel.by === 'sni' ? sel.route.serverNames : sel.route.hosts;
+    const pattern = pats.find((p) => p === name) ?? pats.filter((p) => sniCovers(p, name)).sort((a, b) => b.length - a.length)[0];
+    if (pattern !== undefined) tunnel.pattern = pattern;
+    this.tcp(sel.route.proxy);
+    const how = sel.by === 'sni' ? `by the SNI ${name} of the app's ClientHello` : `by the CONNECT host ${name}`;
+    this.ok('forwarded', `CONNECT ${t} opens a tunnel (200), routed ${how} to ${this.clusterSummary()}`);
+    this.outboundWrapping(true);
+  }
+
+  /** Outbound: where TLS starts for each cluster, in words. */
+  outboundWrapping(tunnel: boolean): void {
+    const mesh = this.mesh('sidecar-outbound');
+    const many = this.out.clusters.length > 1;
+    for (const c of this.out.clusters) {
+      if (!c.found) continue;
+      const eps = c.endpoints!.length ? c.endpoints!.map((x) => `${x.address}:${x.port}`).join(', ') : `${c.serviceHost}:${c.servicePort} (no endpoints)`;
+      const u = c.upstreamTls;
+      const inner = this.q.sni !== undefined ? `the app's TLS (SNI ${this.q.sni})` : 'the app\'s bytes';
+      let line: string;
+      if (u && u.mode === 'ISTIO_MUTUAL') {
+        const auto = this.autoMtls(c.name) ? ' (auto mTLS: every endpoint is labelled security.istio.io/tlsMode: istio and no DestinationRule sets TLS)' : '';
+        line = tunnel
+          ? `${inner} travel${this.q.sni !== undefined ? 's' : ''} inside Istio mTLS (ISTIO_MUTUAL) from this sidecar to ${eps}, SNI ${u.sni ?? '(none)'}${this.q.sni !== undefined ? ': double encryption' : ''}${auto}`
+          : `plaintext from the app; Istio mTLS (ISTIO_MUTUAL) from this sidecar to ${eps}, SNI ${u.sni ?? '(none)'}${auto}`;
+      } else if (u && u.mode !== 'plaintext') {
+        const sni = u.sni ?? (u.autoSni ? 'the request Host' : '(none)');
+        line = tunnel
+          ? `${inner} ${this.q.sni !== undefined ? 'is' : 'are'} wrapped in TLS originated here (${u.mode}) to ${eps}, SNI ${sni}${this.q.sni !== undefined ? ' (TLS inside TLS)' : ''}`
+          : `plaintext from the app; TLS originated here (${u.mode}) to ${eps}, SNI ${sni}`;
+      } else {
+        line = tunnel
+          ? `${inner} ${this.q.sni !== undefined ? 'is' : 'are'} passed through opaque to ${eps}: this sidecar neither decrypts nor wraps ${this.q.sni !== undefined ? 'it' : 'them'}`
+          : `plaintext from the app and plaintext to ${eps}: no TLS on this hop`;
+      }
+      mesh.wrapping.push(many ? `${c.name}: ${line}` : line);
+    }
+  }
+
+  /** ISTIO_MUTUAL that came from endpoint labels rather than a DestinationRule (needs the resources to tell). */
+  autoMtls(clusterName: string): boolean {
+    const c = this.snap.clusters[clusterName];
+    const res = this.opts.resources;
+    if (!c?.tls || c.tls.mode !== 'ISTIO_MUTUAL' || !res || c.endpoints.length === 0) return false;
+    if (!c.endpoints.every((e) => e.labels['security.istio.io/tlsMode'] === 'istio')) return false;
+    const host = c.serviceHost;
+    return !res.destinationRules.some((dr) => {
+      const h = dr.spec.host.toLowerCase();
+      const covers = h === host || host.startsWith(h + '.') || sniCovers(h, host);
+      return covers && JSON.stringify(dr.spec).includes('"tls"');
+    });
+  }
+
+  /** Inbound: the PeerAuthentication the chains were built for (every chain name carries it). */
+  inboundPolicy(l: Listener): void {
+    const mesh = this.mesh('sidecar-inbound');
+    for (const fc of l.filterChains) {
+      const m = /peerauthentication=(\w+) \((.*)\)$/.exec(fc.name);
+      if (m) {
+        mesh.peerAuthentication = { mode: m[1]!, from: m[2]! };
+        return;
+      }
+    }
+  }
+
+  inboundRefused(l: Listener, reason: 'no_sni' | 'no_sni_match' | 'not_tls' | 'no_filter_chain'): void {
+    const pa = this.out.mesh!.peerAuthentication!;
+    const accepted = [...new Set(l.filterChains.flatMap((c) => c.match.applicationProtocols))];
+    const what = reason === 'not_tls' ? 'plaintext' : `TLS with ALPN ${this.q.alpn.length ? this.q.alpn.join(',') : '(none)'}`;
+    const only = pa.mode === 'STRICT' ? 'accepts only Istio mTLS' : 'has no chain for this connection';
+    this.fail('no_filter_chain', `PeerAuthentication ${pa.mode} (${pa.from}) ${only}: ${what} is refused (the connection is closed)`);
+    this.out.nearest.push(`Istio mTLS is recognised by ALPN: ${accepted.join(', ')}`);
+    if (pa.mode === 'STRICT') this.out.nearest.push('send mTLS from a sidecar (--alpn istio), or set PeerAuthentication PERMISSIVE for this workload or port');
+    this.out.mesh!.wrapping.push(`nothing reaches the app: ${what} never gets past this sidecar`);
+  }
+
+  inboundWrapping(fc: FilterChain): void {
+    const mesh = this.mesh('sidecar-inbound');
+    const q = this.q;
+    const app = q.sidecar?.role === 'inbound' ? `127.0.0.1:${q.sidecar.appPort}` : 'the app';
+    const pa = mesh.peerAuthentication;
+    const http = fc.filter.kind === 'http';
+    if (fc.tls?.mode === 'ISTIO_MUTUAL') {
+      mesh.wrapping.push(`Istio mTLS (ISTIO_MUTUAL) from the peer ends here: its workload certificate must chain to the mesh roots; then plaintext ${http ? 'HTTP (with XFCC naming the peer)' : 'TCP'} to ${app}`);
+    } else if (q.transport === 'tls' && fc.match.transportProtocol === 'tls') {
+      const istio = q.alpn.some((p) => p === 'istio' || p.startsWith('istio-'));
+      mesh.wrapping.push(istio
+        ? `PeerAuthentication ${pa?.mode ?? ''} does not terminate mesh mTLS: the peer's mTLS bytes reach ${app} as they are, and the app cannot speak it`
+        : `TLS that is not Istio mTLS is passed through to ${app} untouched: the app terminates it`);
+    } else {
+      mesh.wrapping.push(`plaintext accepted (PeerAuthentication ${pa?.mode ?? 'PERMISSIVE'}): no mTLS on this hop; plaintext to ${app}`);
     }
   }
 }
@@ -751,6 +938,9 @@ function certLines(label: string, c: CertificateExplanation, nested: boolean): s
   const head = (text: string) => (nested ? cont(`${label} ${text}`) : row(label, text));
   const sub = (text: string) => (nested ? cont(`  ${text}`) : cont(text));
   if (c.source === 'system-roots') return [head('system roots (the CA bundle shipped with Node.js)')];
+  if ((c.source === 'workload' || c.source === 'mesh-roots') && !c.leaf && !c.ca) {
+    return [head(c.source === 'workload' ? 'this proxy\'s workload certificate (SPIFFE, from the mesh CA at run time)' : 'the mesh roots (from the mesh CA at run time)')];
+  }
   const lines = [head(secretLabel(c.secret))];
   const facts = (f: CertFacts) => [
     sub(`subject ${f.subject || '(empty)'}`),
@@ -775,7 +965,9 @@ export function renderExplanation(e: Explanation): string {
   const cl = [c.transport === 'tls' ? `TLS, SNI ${c.sni ?? '(none)'}` : 'plaintext'];
   if (c.transport === 'tls' && c.alpn.length) cl.push(`ALPN ${c.alpn.join(',')}`);
   cl.push(`port ${c.port}`);
-  if (c.http) cl.push(`${c.http.method} ${c.http.path} Host ${c.http.headers['host'] ?? c.http.authority}`);
+  if (c.http?.method === 'CONNECT') cl.push(`CONNECT ${c.http.authority}, then TLS inside the tunnel with SNI ${c.sni ?? '(none)'}${c.alpn.length ? `, ALPN ${c.alpn.join(',')}` : ''}`);
+  else if (c.http && e.mesh?.role === 'sidecar-outbound') cl.push(`${c.http.method} http://${c.http.authority}${c.http.path} (absolute form, through HTTP_PROXY)`);
+  else if (c.http) cl.push(`${c.http.method} ${c.http.path} Host ${c.http.headers['host'] ?? c.http.authority}`);
   out.push(row('client', cl.join('; ')));
   if (e.listener) {
     const l = e.listener;
@@ -815,9 +1007,16 @@ export function renderExplanation(e: Explanation): string {
     if (h.action) out.push(row('action', h.action));
     if (h.location) out.push(cont(`Location: ${h.location}`));
   }
+  if (e.mesh?.tunnel) {
+    const t = e.mesh.tunnel;
+    out.push(row('tunnel', `CONNECT ${t.target}: ${t.routedBySni ? `a tls route claims port ${t.target.slice(t.target.lastIndexOf(':') + 1)}, so the SNI of the app's ClientHello decides` : 'routed by the CONNECT host'}`));
+    if (t.route) out.push(cont(`route ${t.route}: ${t.selectedBy === 'sni' ? 'SNI' : 'host'} ${t.pattern === undefined ? 'match' : `"${t.pattern}"`}`));
+  }
   if (e.tcp) {
     out.push(row('tcp', `${e.tcp.name}${e.tcp.origin ? ` (${e.tcp.origin})` : ''}; idle timeout ${e.tcp.idleTimeoutMs}ms`));
   }
+  if (e.mesh?.routePort !== undefined) out.push(row('mesh', `sidecar outbound: routes match on port ${e.mesh.routePort} (the port the app addressed)`));
+  if (e.mesh?.peerAuthentication) out.push(row('mesh', `sidecar inbound: PeerAuthentication ${e.mesh.peerAuthentication.mode} (from ${e.mesh.peerAuthentication.from})`));
   for (const k of e.clusters) {
     out.push(row('cluster', `${k.name}${k.percent !== undefined && e.clusters.length > 1 ? ` (weight ${k.weight}, ${k.percent}%)` : ''}`));
     if (!k.found) {
@@ -837,6 +1036,7 @@ export function renderExplanation(e: Explanation): string {
     }
     for (const n of k.notes) out.push(cont(n));
   }
+  for (const w of e.mesh?.wrapping ?? []) out.push(row('mtls', w));
   out.push(row('result', `${e.matched ? 'OK' : 'NO MATCH'}: ${e.summary}`));
   for (const n of e.nearest) out.push(cont(n));
   for (const n of e.notes) out.push(row('note', n));

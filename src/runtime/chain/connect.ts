@@ -32,13 +32,45 @@ function best(candidates: ConnectTunnelRoute[], name: string, key: 'serverNames'
   return found;
 }
 
+/** A CONNECT target split, and the routes that could take it (phase one of the selection). */
+export interface ConnectCandidates {
+  host: string;
+  port: number;
+  /** Routes on this port chosen by SNI: non-empty = the tunnelled ClientHello's SNI decides. */
+  bySni: ConnectTunnelRoute[];
+  /** The route chosen by the CONNECT host, if any; also the fallback when no SNI route matches. */
+  byHost: ConnectTunnelRoute | undefined;
+}
+
+/**
+ * Pure phase one: parse `host:port` and find the candidate routes. undefined = malformed target
+ * (400); no bySni and no byHost = no route (404).
+ */
+export function connectCandidates(routes: readonly ConnectTunnelRoute[], target: string): ConnectCandidates | undefined {
+  const m = /^\[?([^\]]+?)\]?:(\d{1,5})$/.exec(target);
+  if (!m) return undefined;
+  const host = m[1]!.toLowerCase();
+  const port = Number(m[2]);
+  const forPort = routes.filter((r) => r.port === undefined || r.port === port);
+  return { host, port, bySni: forPort.filter((r) => r.serverNames.length > 0), byHost: best(forPort.filter((r) => r.hosts.length > 0), host, 'hosts') };
+}
+
+/**
+ * Pure phase two: the route for the tunnelled ClientHello's SNI (undefined when the tunnel does
+ * not start with TLS or sends no SNI), falling back to the route chosen by host.
+ */
+export function selectTunnelRoute(c: ConnectCandidates, sni: string | undefined): { route: ConnectTunnelRoute; by: 'sni' | 'host' } | undefined {
+  const bySni = sni !== undefined ? best(c.bySni, sni, 'serverNames') : undefined;
+  if (bySni) return { route: bySni, by: 'sni' };
+  return c.byHost ? { route: c.byHost, by: 'host' } : undefined;
+}
+
 export function handleConnect(
   routes: readonly ConnectTunnelRoute[], req: IncomingMessage, socket: net.Socket, head: Buffer,
   env: { clusters: TcpConnector; telemetry: Telemetry; clientHelloTimeoutMs: number },
 ): void {
   socket.on('error', () => {});
   const target = req.url ?? '';
-  const m = /^\[?([^\]]+?)\]?:(\d{1,5})$/.exec(target);
   const base = getConnectionInfo(socket);
   const info: ConnectionInfo = {
     ...(base ?? { id: '', startMs: Date.now(), downstreamRemoteAddress: socket.remoteAddress ?? '', downstreamRemotePort: socket.remotePort ?? 0, downstreamLocalAddress: '', downstreamLocalPort: 0, listener: '' }),
@@ -50,12 +82,9 @@ export function handleConnect(
     const text = status === 400 ? 'Bad Request' : status === 403 ? 'Forbidden' : 'Not Found';
     socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
   };
-  if (!m) return refuse(400, 'bad_request');
-  const host = m[1]!.toLowerCase();
-  const port = Number(m[2]);
-  const forPort = routes.filter((r) => r.port === undefined || r.port === port);
-  const bySni = forPort.filter((r) => r.serverNames.length > 0);
-  const byHost = best(forPort.filter((r) => r.hosts.length > 0), host, 'hosts');
+  const cand = connectCandidates(routes, target);
+  if (!cand) return refuse(400, 'bad_request');
+  const { bySni, byHost } = cand;
   if (bySni.length === 0 && !byHost) return refuse(404, 'no_route');
   socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
   if (head.length) socket.unshift(head);
@@ -70,7 +99,7 @@ export function handleConnect(
       info.sni = hello.sni;
       info.alpnOffered = hello.alpn;
     }
-    const route = (hello.kind === 'tls' && hello.sni !== undefined ? best(bySni, hello.sni, 'serverNames') : undefined) ?? byHost;
+    const route = selectTunnelRoute(cand, hello.kind === 'tls' ? hello.sni : undefined)?.route;
     if (!route) {
       env.telemetry.accessLog({ time: new Date(info.startMs).toISOString(), kind: 'tunnel', method: 'CONNECT', authority: target, sni: info.sni, listener: info.listener, reason: hello.kind === 'tls' ? 'no_sni_match' : 'not_tls' });
       socket.destroy();
