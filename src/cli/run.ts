@@ -337,29 +337,38 @@ export async function runCommand(opts: RunOptions): Promise<number> {
     const { runPrimary } = await import('./workers.js');
     return runPrimary(opts, workers);
   }
-  // A worker's own admin server is private (an ephemeral loopback port); the primary serves the API.
-  const gw = await startGateway(isWorker ? { ...opts, adminPort: 0, adminAddress: '127.0.0.1' } : opts);
-  if (isWorker) {
-    const { serveWorkerIpc, reportWorkerFailure } = await import('./workers.js');
-    if (!gw) { reportWorkerFailure('configuration or certificate errors (see above)'); return 1; }
-    serveWorkerIpc(() => ({
-      pid: process.pid, ready: gw.dataPlane.ready, connections: gw.dataPlane.activeConnections(), generation: gw.dataPlane.snapshot?.generation ?? 0,
-    }), () => gw.dump(), [gw.telemetry.registry]);
-  }
-  if (!gw) return 1;
+  // Signal handlers go in before anything is served: /ready answers 200 while startGateway is
+  // still finishing, and a SIGTERM in that window must drain, not kill the process outright.
+  let gw: RunningGateway | undefined;
+  let early: string | undefined;
+  let signals = 0;
+  let resolveDone: (code: number) => void = () => {};
+  const done = new Promise<number>((r) => { resolveDone = r; });
+  const onSignal = (sig: string) => {
+    signals++;
+    if (!gw) { early = sig; return; }
+    if (signals > 1) { gw.telemetry.flush(); process.exit(130); }
+    gw.telemetry.log('info', `${sig}: draining`, { graceMs: opts.drainGraceMs, timeoutMs: opts.drainTimeoutMs });
+    void gw.stop().then(() => resolveDone(0));
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
   process.on('SIGHUP', () => {
+    if (!gw) return;
     gw.telemetry.log('info', 'SIGHUP: reloading');
     void gw.reload('SIGHUP');
   });
-  return new Promise((resolve) => {
-    let signals = 0;
-    const onSignal = (sig: string) => {
-      signals++;
-      if (signals > 1) { gw.telemetry.flush(); process.exit(130); }
-      gw.telemetry.log('info', `${sig}: draining`, { graceMs: opts.drainGraceMs, timeoutMs: opts.drainTimeoutMs });
-      void gw.stop().then(() => resolve(0));
-    };
-    process.on('SIGTERM', () => onSignal('SIGTERM'));
-    process.on('SIGINT', () => onSignal('SIGINT'));
-  });
+  // A worker's own admin server is private (an ephemeral loopback port); the primary serves the API.
+  gw = await startGateway(isWorker ? { ...opts, adminPort: 0, adminAddress: '127.0.0.1' } : opts);
+  if (isWorker) {
+    const { serveWorkerIpc, reportWorkerFailure } = await import('./workers.js');
+    if (!gw) { reportWorkerFailure('configuration or certificate errors (see above)'); return 1; }
+    const g = gw;
+    serveWorkerIpc(() => ({
+      pid: process.pid, ready: g.dataPlane.ready, connections: g.dataPlane.activeConnections(), generation: g.dataPlane.snapshot?.generation ?? 0,
+    }), () => g.dump(), [g.telemetry.registry]);
+  }
+  if (!gw) return 1;
+  if (early) { signals = 0; onSignal(early); }
+  return done;
 }
