@@ -361,12 +361,13 @@ export async function runCommand(opts: RunOptions): Promise<number> {
   // A worker's own admin server is private (an ephemeral loopback port); the primary serves the API.
   gw = await startGateway(isWorker ? { ...opts, adminPort: 0, adminAddress: '127.0.0.1' } : opts);
   if (isWorker) {
-    const { serveWorkerIpc, reportWorkerFailure } = await import('./workers.js');
+    const { serveWorkerIpc, reportWorkerFailure, reportWorkerReady } = await import('./workers.js');
     if (!gw) { reportWorkerFailure('configuration or certificate errors (see above)'); return 1; }
     const g = gw;
     serveWorkerIpc(() => ({
       pid: process.pid, ready: g.dataPlane.ready, connections: g.dataPlane.activeConnections(), generation: g.dataPlane.snapshot?.generation ?? 0,
     }), () => g.dump(), [g.telemetry.registry]);
+    reportWorkerReady();
   }
   if (!gw) return 1;
   if (early) { signals = 0; onSignal(early); }

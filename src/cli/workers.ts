@@ -23,7 +23,8 @@ type Msg =
   | { t: 'tlsgate:status'; id: number; status: WorkerStatus }
   | { t: 'tlsgate:dump?'; id: number }
   | { t: 'tlsgate:dump'; id: number; body: string }
-  | { t: 'tlsgate:failed'; message: string };
+  | { t: 'tlsgate:failed'; message: string }
+  | { t: 'tlsgate:ready' };
 
 let nextId = 1;
 
@@ -58,7 +59,23 @@ export async function runPrimary(opts: RunOptions, workers: number): Promise<num
     });
     return w;
   };
-  for (let i = 0; i < workers; i++) fork();
+  // The first worker goes alone: an invalid config or a port in use fails it, and then nothing
+  // else starts and no admin port is bound (the same contract as a single-process `run`).
+  const first = fork();
+  const firstOk = await new Promise<boolean>((resolve) => {
+    first.on('message', (m: Msg) => { if (m.t === 'tlsgate:ready') resolve(true); else if (m.t === 'tlsgate:failed') resolve(false); });
+    first.once('exit', () => resolve(false));
+  });
+  if (!firstOk) {
+    stopping = true;
+    if (!first.isDead()) {
+      const t = setTimeout(() => first.kill('SIGKILL'), 5000);
+      await new Promise<void>((r) => first.once('exit', () => r()));
+      clearTimeout(t);
+    }
+    return 1;
+  }
+  for (let i = 1; i < workers; i++) fork();
   cluster.on('exit', (w, code, signal) => {
     if (stopping) return;
     if (failed > 0 && code === 1) {
@@ -134,6 +151,11 @@ export function serveWorkerIpc(status: () => WorkerStatus, dump: () => string, r
   });
 }
 
+export function reportWorkerReady(): void {
+  process.send?.({ t: 'tlsgate:ready' });
+}
+
 export function reportWorkerFailure(message: string): void {
-  process.send?.({ t: 'tlsgate:failed', message });
+  // Then let go of the IPC channel: while it is open the worker process would never exit.
+  process.send?.({ t: 'tlsgate:failed', message }, undefined, {}, () => process.disconnect?.());
 }

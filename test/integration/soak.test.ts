@@ -278,6 +278,7 @@ function hostile(kind: 'drip' | 'silent', n: number, stopAt: () => boolean): { o
     opened++;
     open.add(s);
     s.on('error', () => {});
+    s.resume(); // read what the gateway sends (a 408 or an alert), so its close is seen
     let i = 0;
     const iv = kind === 'drip' ? setInterval(() => { if (i < hello.length && !s.destroyed) s.write(hello.subarray(i, ++i)); }, 250) : undefined;
     s.once('close', () => { clearInterval(iv); open.delete(s); setTimeout(spawn, 50); });
@@ -321,7 +322,9 @@ test(`soak: ${SECONDS} s of mixed load with reloads every ${RELOAD_EVERY_MS / 10
       rssMax = Math.max(rssMax, await rssMb(gw.pid));
       if (Date.now() >= nextReload) {
         reloads++;
-        await writeFile(path.join(cfgDir, 'soak.yaml'), config(reloads));
+        // Atomic replace (write, then rename), as editors and ConfigMap updates do.
+        await writeFile(path.join(cfgDir, '.soak.yaml.tmp'), config(reloads));
+        await rename(path.join(cfgDir, '.soak.yaml.tmp'), path.join(cfgDir, 'soak.yaml'));
         nextReload += RELOAD_EVERY_MS;
       }
       if (Date.now() >= nextRotate) {
