@@ -6,7 +6,7 @@
  *   - the page in headless Chromium (Debian `chromium` driven by playwright-core; skipped with a
  *     message when either is missing): map markings, counters moving after a curl, certificate
  *     expiry, an explain query drawing its path, keyboard reachability. Screenshots go to
- *     test-artifacts/ and docs/dashboard.png.
+ *     test-artifacts/ (the demo test refreshes docs/dashboard.png with UPDATE_SCREENSHOT=1).
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
