@@ -371,5 +371,6 @@ export async function runCommand(opts: RunOptions): Promise<number> {
   }
   if (!gw) return 1;
   if (early) { signals = 0; onSignal(early); }
-  return done;
+  // A worker's IPC channel to the primary keeps its event loop alive: let go once drained.
+  return isWorker ? done.then((code) => { process.disconnect?.(); return code; }) : done;
 }

@@ -115,4 +115,9 @@ spec:
   assert.equal((await gw.admin('/ready')).status, 200);
   const metrics = (await gw.admin('/stats/prometheus')).body;
   assert.match(metrics, /tlsgate_downstream_connections_total\{listener="127\.0\.0\.1_\d+"\} \d+/);
+  for (const s of socks) s.destroy();
+  // SIGTERM drains every worker and the primary exits 0 (not killed after the harness's 10 s).
+  const started = Date.now();
+  assert.equal(await gw.stop('SIGTERM'), 0);
+  assert.ok(Date.now() - started < 9000, 'the workers let go of their IPC channel and exited');
 });
