@@ -14,6 +14,7 @@
  * judge once the bytes are replayed.
  */
 import type * as net from 'node:net';
+import { readPrefix } from './read-prefix.js';
 
 /** The hello was parsed; fields are as the client sent them. */
 export interface ClientHelloInfo {
@@ -397,66 +398,14 @@ function parseAlpn(b: Buffer, s: number, e: number, out: string[]): ParseState |
  * if (r.kind === 'tls') { sock.unshift(r.bytes); terminate(sock, r.sni); }
  */
 export function readClientHello(socket: net.Socket, opts: ReadClientHelloOptions): Promise<ClientHelloResult> {
-  return new Promise<ClientHelloResult>((resolve) => {
-    const maxBytes = budget(opts.maxBytes);
-    const cap = maxBytes + RECORD_HEADER_LENGTH;
-    const scanner = new ClientHelloScanner(maxBytes);
-    let store: Buffer | undefined; // owned growable copy, made only when a second read arrives
-    let view: Buffer = EMPTY;
-    let done = false;
-
-    const finish = (result: ClientHelloResult): void => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      socket.removeListener('data', onData);
-      socket.removeListener('end', onEnd);
-      socket.removeListener('close', onEnd);
-      socket.removeListener('error', onEnd);
-      socket.pause();
-      resolve(result);
-    };
-
-    const onData = (chunk: Buffer): void => {
-      if (done) return;
-      const len = view.length;
-      const total = len + chunk.length;
-      if (len === 0) {
-        view = chunk; // common case: the whole hello in one read, no copy at all
-      } else if (total > cap) {
-        // This read crosses the cap. The parser always decides within `cap` bytes, so this is
-        // the last buffer: concatenate once rather than grow the store past the cap.
-        view = Buffer.concat([view, chunk], total);
-      } else {
-        if (store === undefined || store.length < total) {
-          const grown = Buffer.allocUnsafe(Math.min(cap, Math.max(2 * total, 1024)));
-          view.copy(grown, 0, 0, len);
-          store = grown;
-        }
-        chunk.copy(store, len);
-        view = store.subarray(0, total);
-      }
-      const st = scanner.scan(view);
-      if (st.kind !== 'need-more') finish(withBytes(st, view));
-      else if (view.length >= cap) finish({ kind: 'too-large', bytes: view }); // defensive
-    };
-
-    const onEnd = (): void => finish({ kind: 'closed', bytes: view });
-
-    const timer = setTimeout(() => finish({ kind: 'timeout', bytes: view }), Math.max(0, opts.timeoutMs));
-    timer.unref();
-
-    // 'error' counts as closed; the caller's own error listener (attached at accept) stays.
-    socket.on('error', onEnd);
-    if (socket.destroyed || socket.readableEnded) {
-      onEnd();
-      return;
-    }
-    socket.on('end', onEnd);
-    socket.on('close', onEnd);
-    socket.on('data', onData);
-    socket.resume();
-  });
+  const maxBytes = budget(opts.maxBytes);
+  const cap = maxBytes + RECORD_HEADER_LENGTH;
+  const scanner = new ClientHelloScanner(maxBytes);
+  return readPrefix<ClientHelloResult>(socket, { timeoutMs: opts.timeoutMs, cap, minStore: 1024 }, (view) => {
+    const st = scanner.scan(view);
+    if (st.kind !== 'need-more') return withBytes(st, view);
+    return view.length >= cap ? { kind: 'too-large', bytes: view } : undefined; // defensive
+  }, (why, view) => ({ kind: why, bytes: view }));
 }
 
 function withBytes(st: Exclude<ParseState, { kind: 'need-more' }>, bytes: Buffer): ClientHelloResult {
@@ -472,4 +421,3 @@ function withBytes(st: Exclude<ParseState, { kind: 'need-more' }>, bytes: Buffer
   }
 }
 
-const EMPTY = Buffer.alloc(0);

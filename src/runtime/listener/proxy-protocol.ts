@@ -19,6 +19,7 @@
  * Not done here: the CRC32C TLV (0x03) is passed through as an ordinary TLV, not verified.
  */
 import type * as net from 'node:net';
+import { readPrefix } from './read-prefix.js';
 import { parseCidr } from './chain-select.js';
 
 // ---------- constants ----------
@@ -334,70 +335,18 @@ function unixPath(b: Buffer, p: number): string {
  * sock.unshift(r.rest);
  */
 export function readProxyHeader(socket: net.Socket, opts: ReadProxyHeaderOptions): Promise<ProxyResult> {
-  return new Promise<ProxyResult>((resolve) => {
-    const maxBytes = budget(opts.maxBytes ?? PROXY_DEFAULT_MAX_BYTES);
-    const cap = Math.max(PROXY_V1_MAX_LENGTH, maxBytes);
-    let store: Buffer | undefined; // owned growable copy, made only when a second read arrives
-    let view: Buffer = EMPTY;
-    let done = false;
-
-    const finish = (result: ProxyResult): void => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      socket.removeListener('data', onData);
-      socket.removeListener('end', onEnd);
-      socket.removeListener('close', onEnd);
-      socket.removeListener('error', onEnd);
-      socket.pause();
-      resolve(result);
-    };
-
-    const onData = (chunk: Buffer): void => {
-      if (done) return;
-      const len = view.length;
-      const total = len + chunk.length;
-      if (len === 0) {
-        view = chunk; // common case: header (and maybe more) in one read, no copy
-      } else if (total > cap) {
-        // The parser decides within `cap` bytes, so this is the last read: concatenate once.
-        view = Buffer.concat([view, chunk], total);
-      } else {
-        // Grow by doubling so a 1-byte drip costs O(n) copies, not O(n^2).
-        if (store === undefined || store.length < total) {
-          const grown = Buffer.allocUnsafe(Math.min(cap, Math.max(2 * total, 256)));
-          view.copy(grown, 0, 0, len);
-          store = grown;
-        }
-        chunk.copy(store, len);
-        view = store.subarray(0, total);
-      }
-      const st = parseProxyHeader(view, maxBytes);
-      if (st.kind === 'need-more') {
-        // Defensive: the parser always decides within `cap` bytes.
-        if (view.length >= cap) finish({ kind: 'malformed', detail: 'header exceeds the byte cap', rest: view });
-        return;
-      }
-      if (st.kind === 'proxy') finish(Object.assign(st, { rest: view.subarray(st.headerLength) }));
-      else if (st.kind === 'malformed') finish({ kind: 'malformed', detail: st.detail, rest: view });
-      else finish({ kind: 'not-proxy', rest: view });
-    };
-
-    const onEnd = (): void => finish({ kind: 'closed', rest: view });
-
-    const timer = setTimeout(() => finish({ kind: 'timeout', rest: view }), Math.max(0, opts.timeoutMs));
-    timer.unref();
-
-    socket.on('error', onEnd);
-    if (socket.destroyed || socket.readableEnded) {
-      onEnd();
-      return;
+  const maxBytes = budget(opts.maxBytes ?? PROXY_DEFAULT_MAX_BYTES);
+  const cap = Math.max(PROXY_V1_MAX_LENGTH, maxBytes);
+  return readPrefix<ProxyResult>(socket, { timeoutMs: opts.timeoutMs, cap, minStore: 256 }, (view) => {
+    const st = parseProxyHeader(view, maxBytes);
+    if (st.kind === 'need-more') {
+      // Defensive: the parser always decides within `cap` bytes.
+      return view.length >= cap ? { kind: 'malformed', detail: 'header exceeds the byte cap', rest: view } : undefined;
     }
-    socket.on('end', onEnd);
-    socket.on('close', onEnd);
-    socket.on('data', onData);
-    socket.resume();
-  });
+    if (st.kind === 'proxy') return Object.assign(st, { rest: view.subarray(st.headerLength) });
+    if (st.kind === 'malformed') return { kind: 'malformed', detail: st.detail, rest: view };
+    return { kind: 'not-proxy', rest: view };
+  }, (why, view) => ({ kind: why, rest: view }));
 }
 
 const EMPTY = Buffer.alloc(0);
