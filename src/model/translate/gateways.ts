@@ -226,7 +226,12 @@ function buildListener(ctx: TranslateContext, clusters: ClusterBuilder, name: st
   else if (first.cls === 'tcp') listener.filterChains.push(...tcpChains(ctx, clusters, first, vss, undefined));
   else listener.filterChains.push(...tlsChains(ctx, clusters, accepted, vss));
   if (listener.filterChains.length === 0) return undefined;
-  // 421: each terminating HTTP chain learns the hosts that other chains of this listener own.
+  computeMisdirected(listener);
+  return listener;
+}
+
+/** 421: each terminating HTTP chain learns the hosts that other chains of its listener own. */
+export function computeMisdirected(listener: Listener): void {
   for (const fc of listener.filterChains) {
     if (fc.filter.kind !== 'http' || !fc.tls) continue;
     const mine = new Set(fc.match.serverNames);
@@ -234,7 +239,6 @@ function buildListener(ctx: TranslateContext, clusters: ClusterBuilder, name: st
     for (const o of listener.filterChains) if (o !== fc) for (const n of o.match.serverNames) if (!mine.has(n)) others.add(n);
     fc.filter.misdirectedDomains = [...others].sort();
   }
-  return listener;
 }
 
 function scopeFor(vs: VirtualServiceResource, e: ServerEntry): BindingScope {

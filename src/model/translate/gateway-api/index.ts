@@ -14,7 +14,7 @@ import type { GatewayApiResource } from '../../../config/resource.js';
 import type { DownstreamTlsContext, FilterChain, HttpConnectionManager, Listener, ResourceStatus, TcpProxy, VirtualHost, WeightedCluster } from '../../snapshot.js';
 import type { ClusterBuilder } from '../clusters.js';
 import type { TranslateContext } from '../context.js';
-import { byAge } from '../gateways.js';
+import { byAge, computeMisdirected } from '../gateways.js';
 import { checkHostPattern, hostSubsetOf } from '../hosts.js';
 import { ISTIO_CIPHER_SUITES } from '../tls-context.js';
 import { compareRank, HttpRouteBuilder, type RankedRoute } from './http.js';
@@ -553,17 +553,6 @@ function tlsChains(ctx: TranslateContext, refs: GatewayApiRefs, http: HttpRouteB
     }
   }
   return chains;
-}
-
-/** 421: each terminating HTTP chain learns the hosts other chains of the listener own. */
-export function computeMisdirected(listener: Listener): void {
-  for (const fc of listener.filterChains) {
-    if (fc.filter.kind !== 'http' || !fc.tls) continue;
-    const mine = new Set(fc.match.serverNames);
-    const others = new Set<string>();
-    for (const o of listener.filterChains) if (o !== fc) for (const n of o.match.serverNames) if (!mine.has(n)) others.add(n);
-    fc.filter.misdirectedDomains = [...others].sort();
-  }
 }
 
 // ------------------------------------------------------------------ merging with Istio listeners
