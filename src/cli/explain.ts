@@ -67,15 +67,7 @@ export function parseTarget(target: string | undefined, o: TargetOptions): Expla
   if (target !== undefined) {
     const m = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target);
     if (!m) throw new ExplainUsageError(`target "${target}" is not a URL: use https://host[:port]/path, http://host[:port]/path, tcp://host:port or tls://host:port (or --sni and --port)`);
-    const scheme = m[1]!.toLowerCase();
-    if (!['https', 'http', 'tcp', 'tls'].includes(scheme)) throw new ExplainUsageError(`unsupported scheme "${scheme}": use https, http, tcp or tls`);
-    let url: URL;
-    try {
-      url = new URL(target);
-    } catch {
-      throw new ExplainUsageError(`target "${target}" is not a valid URL`);
-    }
-    const host = url.hostname.replace(/^\[|\]$/g, '').toLowerCase();
+    const { scheme, url, host } = urlTarget(target, `unsupported scheme "${m[1]!.toLowerCase()}": use https, http, tcp or tls`);
     // Clients send no SNI for an IP address (RFC 6066).
     const sni = o.sni ?? (isIP(host) ? undefined : host);
     const defaults: Record<string, number> = { https: 443, http: 80 };
@@ -141,16 +133,7 @@ export function sidecarTarget(target: string | undefined, o: TargetOptions): Exp
       q.http = { authority: headers['host'] ?? `127.0.0.1:${o.appPort}`, path: o.path ?? '/', method, headers };
     }
   } else {
-    const m = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target);
-    const scheme = m?.[1]!.toLowerCase();
-    if (!scheme || !['https', 'http', 'tcp', 'tls'].includes(scheme)) throw new ExplainUsageError(`target "${target}" is not a URL the app would send: use http://host[:port]/path (HTTP_PROXY), https://host[:port]/ or tls://host:port (HTTPS_PROXY, CONNECT), tcp://host:port`);
-    let url: URL;
-    try {
-      url = new URL(target);
-    } catch {
-      throw new ExplainUsageError(`target "${target}" is not a valid URL`);
-    }
-    const host = url.hostname.replace(/^\[|\]$/g, '').toLowerCase();
+    const { scheme, url, host } = urlTarget(target, `target "${target}" is not a URL the app would send: use http://host[:port]/path (HTTP_PROXY), https://host[:port]/ or tls://host:port (HTTPS_PROXY, CONNECT), tcp://host:port`);
     const proxyPort = o.outboundPort ?? 15001;
     if (scheme === 'http') {
       q = { target, port: proxyPort, transport: 'raw_buffer', alpn: [], http: { authority: url.host, path: o.path ?? `${url.pathname || '/'}${url.search}`, method, headers }, sidecar: { role: 'outbound' } };
@@ -273,4 +256,17 @@ export async function explainCommand(
   });
   out.write(opts.json ? JSON.stringify(e, null, 2) + '\n' : renderExplanation(e));
   return e.matched ? 0 : 1;
+}
+
+/** A https/http/tcp/tls URL target: its scheme, URL and bare lower-case host; `usage` when the scheme is not one of those. */
+function urlTarget(target: string, usage: string): { scheme: string; url: URL; host: string } {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target)?.[1]?.toLowerCase();
+  if (!scheme || !['https', 'http', 'tcp', 'tls'].includes(scheme)) throw new ExplainUsageError(usage);
+  let url: URL;
+  try {
+    url = new URL(target);
+  } catch {
+    throw new ExplainUsageError(`target "${target}" is not a valid URL`);
+  }
+  return { scheme, url, host: url.hostname.replace(/^\[|\]$/g, '').toLowerCase() };
 }
