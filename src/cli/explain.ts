@@ -12,7 +12,7 @@ import type { SecretSpec } from '../model/snapshot.js';
 import { CertStore, isPkiError, type CertInfo } from '../runtime/pki/cert-store.js';
 import { certInfo, splitPem } from '../runtime/pki/cert-info.js';
 import { explain, renderExplanation, type CertFacts, type ExplainQuery, type SecretFacts } from '../explain/explain.js';
-import { buildSnapshot, parseLabels } from './pipeline.js';
+import { buildSnapshotFrom, parseLabels } from './pipeline.js';
 
 export interface ExplainCommandOptions {
   config: string[];
@@ -235,7 +235,9 @@ export async function explainCommand(
     ...(sidecar ? { sidecar, bindAddress } : {}),
     ...(sidecar && opts.serviceAccount ? { identity: `spiffe://cluster.local/ns/${opts.namespace}/sa/${opts.serviceAccount}` } : {}),
   };
-  const built = await buildSnapshot(opts.config, translateOptions);
+  // Loaded once: the snapshot is translated from it, and the near-miss hints read its resources.
+  const loaded = await loadConfig(opts.config);
+  const built = await buildSnapshotFrom(loaded, translateOptions);
   // A configuration that cannot be read at all cannot be explained.
   const fatal = built.diagnostics.filter((d) => d.severity === 'error' && d.code.startsWith('TG1'));
   if (fatal.length > 0 || built.files.length === 0) {
@@ -245,7 +247,7 @@ export async function explainCommand(
   }
   const errors = built.diagnostics.filter((d) => d.severity === 'error').length;
   if (errors > 0) err.write(`tlsgate explain: note: the configuration has ${errors} error(s) (see \`tlsgate validate\`); \`tlsgate run\` refuses to start with it. Explaining what it would translate to.\n`);
-  const { resources } = await loadConfig(opts.config);
+  const { resources } = loaded;
   const secretFacts = await loadSecretFacts(built.snapshot.secrets);
   const e = explain(built.snapshot, query, {
     secrets: (n) => secretFacts.get(n),
