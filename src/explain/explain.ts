@@ -821,7 +821,7 @@ class Explainer {
       const inner = this.q.sni !== undefined ? `the app's TLS (SNI ${this.q.sni})` : 'the app\'s bytes';
       let line: string;
       if (u && u.mode === 'ISTIO_MUTUAL') {
-        const auto = this.autoMtls(c.name) ? ' (auto mTLS: every endpoint is labelled security.istio.io/tlsMode: istio and no DestinationRule sets TLS)' : '';
+        const auto = this.snap.clusters[c.name]?.tls?.autoMtls === true ? ' (auto mTLS: every endpoint is labelled security.istio.io/tlsMode: istio and no DestinationRule sets TLS)' : '';
         line = tunnel
           ? `${inner} travel${this.q.sni !== undefined ? 's' : ''} inside Istio mTLS (ISTIO_MUTUAL) from this sidecar to ${eps}, SNI ${u.sni ?? '(none)'}${this.q.sni !== undefined ? ': double encryption' : ''}${auto}`
           : `plaintext from the app; Istio mTLS (ISTIO_MUTUAL) from this sidecar to ${eps}, SNI ${u.sni ?? '(none)'}${auto}`;
@@ -837,20 +837,6 @@ class Explainer {
       }
       mesh.wrapping.push(many ? `${c.name}: ${line}` : line);
     }
-  }
-
-  /** ISTIO_MUTUAL that came from endpoint labels rather than a DestinationRule (needs the resources to tell). */
-  autoMtls(clusterName: string): boolean {
-    const c = this.snap.clusters[clusterName];
-    const res = this.opts.resources;
-    if (!c?.tls || c.tls.mode !== 'ISTIO_MUTUAL' || !res || c.endpoints.length === 0) return false;
-    if (!c.endpoints.every((e) => e.labels['security.istio.io/tlsMode'] === 'istio')) return false;
-    const host = c.serviceHost;
-    return !res.destinationRules.some((dr) => {
-      const h = dr.spec.host.toLowerCase();
-      const covers = h === host || host.startsWith(h + '.') || sniCovers(h, host);
-      return covers && JSON.stringify(dr.spec).includes('"tls"');
-    });
   }
 
   /** Inbound: the PeerAuthentication the chains were built for (every chain name carries it). */

@@ -273,6 +273,8 @@ export interface Endpoint {
 
 export interface UpstreamTlsContext {
   mode: 'SIMPLE' | 'MUTUAL' | 'ISTIO_MUTUAL';
+  /** ISTIO_MUTUAL chosen by auto mTLS (endpoint labels), not by a DestinationRule. */
+  autoMtls?: boolean;
   /** SNI to send; undefined with autoSni = the request's Host (HTTP) or nothing. */
   sni?: string;
   autoSni: boolean;

@@ -148,7 +148,7 @@ export class ClusterBuilder {
     const drTls = dr ? layers.get('tls') as ClientTlsSettings | undefined : undefined;
     if (!drTls && cluster.endpoints.length > 0 && cluster.endpoints.every((e) => e.labels['security.istio.io/tlsMode'] === 'istio')) {
       this.#sniDefault = `outbound_.${port}_.${subset}_.${svc.host}`;
-      cluster.tls = this.istioMutual(svc.host, ref.carries, cluster.httpProtocol, undefined, undefined);
+      cluster.tls = { ...this.istioMutual(svc.host, ref.carries, cluster.httpProtocol, undefined, undefined), autoMtls: true };
     }
     this.clusters[name] = cluster;
     return name;
