@@ -508,7 +508,9 @@ async function main(): Promise<void> {
       writeSecretYaml('bench-cred', 'default', 'kubernetes.io/tls', { 'tls.crt': leaf.certPem, 'tls.key': leaf.keyPem }),
       writeSecretYaml('bench-mtls-cred', 'default', 'kubernetes.io/tls', { 'tls.crt': leaf.certPem, 'tls.key': leaf.keyPem, 'ca.crt': ca.certPem }),
     ].join('---\n'));
-    const tgArgs = ['--bind-address', '127.0.0.1', '--drain-grace', '0', '--drain-timeout', '1s', '--access-log', 'off', '--log-level', 'warn', '--workers', String(WORKERS)];
+    const tgArgs = ['--bind-address', '127.0.0.1', '--drain-grace', '0', '--drain-timeout', '1s', '--access-log', 'off', '--log-level', 'warn', '--workers', String(WORKERS),
+      // --tlsgate-args "--relay js": extra `tlsgate run` flags, for A/B runs.
+      ...(argValue('--tlsgate-args')?.split(/\s+/).filter(Boolean) ?? [])];
     // --cpu-prof is not allowed in NODE_OPTIONS: a wrapper entry point runs the CLI under the
     // in-process inspector's profiler and writes a .cpuprofile when the process exits.
     let main: string | undefined;

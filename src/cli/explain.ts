@@ -7,12 +7,13 @@
 import { X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { formatDiagnostic } from '../config/diagnostics.js';
-import { loadConfig } from '../config/load.js';
+import type { EtcdConnectionOptions } from '../sources/etcd.js';
+import { readSourcesOnce } from '../sources/etcd-sources.js';
 import type { SecretSpec } from '../model/snapshot.js';
 import { CertStore, isPkiError, type CertInfo } from '../runtime/pki/cert-store.js';
 import { certInfo, splitPem } from '../runtime/pki/cert-info.js';
 import { explain, renderExplanation, type CertFacts, type ExplainQuery, type SecretFacts } from '../explain/explain.js';
-import { buildSnapshotFrom, parseLabels } from './pipeline.js';
+import { buildSnapshotFrom, mergeResourceSets, parseLabels } from './pipeline.js';
 
 export interface ExplainCommandOptions {
   config: string[];
@@ -33,6 +34,8 @@ export interface ExplainCommandOptions {
   inboundPort?: number;
   appPort?: number;
   serviceAccount?: string;
+  /** TLS and auth for `--config etcd://...` entries (read once, as `run` reads them). */
+  etcd?: EtcdConnectionOptions;
 }
 
 type TargetOptions = Pick<ExplainCommandOptions, 'sni' | 'port' | 'alpn' | 'header' | 'method' | 'path' | 'address' | 'plaintext' | 'sidecar' | 'outboundPort' | 'inboundPort' | 'appPort'>;
@@ -235,12 +238,21 @@ export async function explainCommand(
     ...(sidecar ? { sidecar, bindAddress } : {}),
     ...(sidecar && opts.serviceAccount ? { identity: `spiffe://cluster.local/ns/${opts.namespace}/sa/${opts.serviceAccount}` } : {}),
   };
-  // Loaded once: the snapshot is translated from it, and the near-miss hints read its resources.
-  const loaded = await loadConfig(opts.config);
+  // Loaded once (files and etcd prefixes): the snapshot is translated from it, and the
+  // near-miss hints read its resources.
+  let read;
+  try {
+    read = await readSourcesOnce(opts.config, opts.etcd ?? {});
+  } catch (e) {
+    err.write(`tlsgate explain: cannot read the configuration: ${(e as Error).message}\n`);
+    return 2;
+  }
+  const loaded = { ...mergeResourceSets(read.parts), files: read.parts.flatMap((p) => p.files ?? []) };
   const built = await buildSnapshotFrom(loaded, translateOptions);
-  // A configuration that cannot be read at all cannot be explained.
+  // A configuration that cannot be read at all (no file, empty etcd prefixes) cannot be explained.
   const fatal = built.diagnostics.filter((d) => d.severity === 'error' && d.code.startsWith('TG1'));
-  if (fatal.length > 0 || built.files.length === 0) {
+  const empty = built.files.length === 0 && !read.etcd.some((e) => e.keys > 0);
+  if (fatal.length > 0 || empty) {
     for (const d of built.diagnostics.filter((x) => x.severity !== 'info')) err.write(formatDiagnostic(d) + '\n');
     err.write('tlsgate explain: the configuration cannot be loaded\n');
     return 2;

@@ -66,6 +66,7 @@ program.command('run')
   .option('--max-connections <n>', 'open connections per listener; more are closed at once (listener_overflow)', count('--max-connections'), 100000)
   .option('--max-request-header-bytes <n>', 'request header block size (431 beyond)', count('--max-request-header-bytes'), 16384)
   .option('--max-request-headers <n>', 'request header fields (431 beyond)', count('--max-request-headers'), 100)
+  .addOption(new Option('--relay <relay>', 'raw TCP relay for passthrough and TCP routes: native (splice(2) addon), js (stream pipes), auto = native when built').choices(['auto', 'native', 'js']).default('auto'))
   .option('--no-watch', 'do not watch the config paths and certificate files for changes (SIGHUP still reloads)')
   .option('--etcd-ca <file>', 'etcd (--config etcd://host:2379/<prefix>): CA bundle that signs the etcd server certificate; turns TLS on')
   .option('--etcd-cert <file>', 'etcd: client certificate (PEM) for mTLS; turns TLS on')
@@ -80,7 +81,6 @@ program.command('run')
   }, availableParallelism())
   .action(async (o) => {
     const { runCommand } = await import('./run.js');
-    const { etcdOptionsFrom } = await import('./config-cmd.js');
     process.exitCode = await runCommand({
       config: o.config, adminPort: o.adminPort, adminAddress: o.adminAddress,
       bindAddress: o.bindAddress ?? (o.sidecar ? '127.0.0.1' : '0.0.0.0'),
@@ -93,11 +93,13 @@ program.command('run')
         maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeout, requestHeadersTimeoutMs: o.requestHeadersTimeout,
         maxRequestHeaderBytes: o.maxRequestHeaderBytes, maxRequestHeaders: o.maxRequestHeaders,
       },
-      watch: o.watch, workers: o.workers, etcd: etcdOptionsFrom(o),
+      watch: o.watch, workers: o.workers, etcd: etcdOptionsFrom(o), relay: o.relay,
     });
   });
 
-program.command('validate')
+const { addEtcdOptions, etcdOptionsFrom } = await import('./config-cmd.js');
+
+addEtcdOptions(program.command('validate'))
   .description('check a configuration offline; exit 0 when it has no error')
   .requiredOption('-c, --config <path>', 'file or directory (repeatable)', collect, [] as string[])
   .option('--namespace <ns>', 'the proxy\'s namespace for credentialName lookups', 'istio-system')
@@ -105,10 +107,10 @@ program.command('validate')
   .option('-q, --quiet', 'do not print info notices (skipped documents)')
   .action(async (o) => {
     const { validateCommand } = await import('./validate.js');
-    process.exitCode = await validateCommand({ config: o.config, namespace: o.namespace, labels: o.labels, quiet: o.quiet });
+    process.exitCode = await validateCommand({ config: o.config, namespace: o.namespace, labels: o.labels, quiet: o.quiet, etcd: etcdOptionsFrom(o) });
   });
 
-program.command('explain')
+addEtcdOptions(program.command('explain'))
   .description('show the path a connection would take: listener, filter chain, TLS, route, cluster (exit 0 matched, 1 no match, 2 bad input)')
   .argument('[target]', 'https://host[:port]/path, http://host[:port]/path, tcp://host:port or tls://host:port')
   .requiredOption('-c, --config <path>', 'file or directory (repeatable)', collect, [] as string[])
@@ -131,7 +133,7 @@ program.command('explain')
   .exitOverride((e) => process.exit(e.exitCode === 0 ? 0 : 2))
   .action(async (target: string | undefined, o) => {
     const { explainCommand } = await import('./explain.js');
-    process.exitCode = await explainCommand(target, { ...o, config: o.config, namespace: o.namespace });
+    process.exitCode = await explainCommand(target, { ...o, config: o.config, namespace: o.namespace, etcd: etcdOptionsFrom(o) });
   });
 
 program.command('demo')

@@ -13,18 +13,18 @@
  */
 import type * as http from 'node:http';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { formatDiagnostic, hasErrors, type Diagnostic } from '../config/diagnostics.js';
 import type { Snapshot } from '../model/snapshot.js';
 import { DataPlane } from '../runtime/lifecycle.js';
 import type { DownstreamLimits } from '../runtime/listener/listener-runtime.js';
 import { PromTelemetry } from '../admin/telemetry.js';
 import { startAdminServer, configDump } from '../admin/server.js';
-import { FileSource, contentHash } from '../sources/file-source.js';
+import { FileSource, contentHash, fileDigest } from '../sources/file-source.js';
 import { buildSnapshotFrom, mergeResourceSets, parseLabels } from './pipeline.js';
 import { ConfigSources } from '../sources/etcd-sources.js';
 import type { EtcdConnectionOptions } from '../sources/etcd.js';
 import { WorkloadIdentity } from '../mesh/identity.js';
+import { setRelayMode, type RelayMode } from '../runtime/chain/native-relay.js';
 
 export interface RunOptions {
   config: string[];
@@ -59,6 +59,8 @@ export interface RunOptions {
   workloadCertTtlMs?: number;
   /** TLS and auth for `--config etcd://...` entries. */
   etcd?: EtcdConnectionOptions;
+  /** Raw TCP relay: splice(2) addon when built (auto), required (native), or stream pipes (js). */
+  relay?: RelayMode;
 }
 
 export interface ApplyRecord {
@@ -81,17 +83,17 @@ export interface RunningGateway {
   dump(): string;
 }
 
-/** What makes two snapshots "the same": everything but generation, plus file-certificate content. */
-function snapshotKey(s: Snapshot): string {
+/**
+ * What makes two snapshots "the same", so a reload that changes nothing keeps the serving
+ * generation (no GOAWAY, no connection: close): everything but generation, plus the content of
+ * file certificates. On a watcher-triggered reload their digests come from the watcher, which
+ * read them when it noticed the change; `digestOf` answers undefined for a file to read here
+ * instead (asynchronously): one not hashed yet, or any file under --no-watch, SIGHUP or etcd.
+ */
+async function snapshotKey(s: Snapshot, digestOf: (file: string) => string | undefined): Promise<string> {
   const h = createHash('sha256');
   h.update(JSON.stringify({ l: s.listeners, c: s.clusters, s: s.secrets }));
-  for (const spec of Object.values(s.secrets)) {
-    if (spec.source.kind !== 'file') continue;
-    for (const f of [spec.source.certChainPath, spec.source.privateKeyPath, spec.source.caPath, spec.source.crlPath]) {
-      if (!f) continue;
-      try { h.update(readFileSync(f)); } catch { h.update(`missing:${f}`); }
-    }
-  }
+  for (const f of secretFiles(s)) h.update(f).update('\0').update(digestOf(f) ?? await fileDigest(f)).update('\0');
   return h.digest('hex');
 }
 
@@ -111,6 +113,13 @@ function blockingErrors(ds: Diagnostic[]): Diagnostic[] {
 
 export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream = process.stderr): Promise<RunningGateway | undefined> {
   const labels = parseLabels(opts.labels);
+  let relay: 'native' | 'js';
+  try {
+    relay = setRelayMode(opts.relay ?? 'auto');
+  } catch (e) {
+    out.write(`tlsgate: ${(e as Error).message}\n`);
+    return undefined;
+  }
   // A mesh identity (SPIFFE workload certificate) when a CA is given.
   let identity: WorkloadIdentity | undefined;
   if (opts.caDir || opts.caUrl) {
@@ -202,7 +211,10 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     await new Promise<void>((r) => admin.close(() => r()));
     return undefined;
   }
-  let currentKey = snapshotKey(first.snapshot);
+  // The watcher's digests of certificate files (set once it started; read directly before that).
+  let source: FileSource | undefined;
+  const digestOf = (f: string) => source?.digestOf(f);
+  let currentKey = await snapshotKey(first.snapshot, digestOf);
   const record = (r: Omit<ApplyRecord, 'time' | 'generation'>): ApplyRecord => {
     lastApply = { time: new Date().toISOString(), generation: dataPlane.snapshot?.generation ?? 0, ...r };
     // Expiry of every certificate in use, labelled by Secret name (bounded: config-defined).
@@ -218,7 +230,8 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   record({ trigger: 'start', ok: true, message: 'applied', diagnostics: [] });
   sources.markServed(first.used);
   sources.setTelemetry(telemetry);
-  telemetry.log('info', 'tlsgate serving', { listeners: dataPlane.boundPorts(), admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}`, generation: dataPlane.snapshot?.generation });
+  telemetry.log('info', 'tlsgate serving', { listeners: dataPlane.boundPorts(), admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}`, generation: dataPlane.snapshot?.generation, relay });
+  telemetry.set('tcp_relay_info', 1, { relay });
 
   // Reloads run one at a time; a change during a reload triggers one more.
   let reloading: Promise<ApplyRecord> | undefined;
@@ -247,7 +260,9 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
       for (const d of blocking) telemetry.log('warn', 'config rejected: ' + formatDiagnostic(d));
       return record({ trigger, ok: false, message: `edit rejected (${blocking.length} blocking error(s)); the last good config keeps serving`, diagnostics: r.diagnostics });
     }
-    const key = snapshotKey(r.snapshot);
+    // A watcher-triggered reload reuses the digests the watcher just computed; SIGHUP and etcd
+    // triggers read certificate files afresh (the watcher may not have polled them yet).
+    const key = await snapshotKey(r.snapshot, trigger === 'change' ? digestOf : () => undefined);
     if (key === currentKey) {
       servingDiagnostics = r.diagnostics;
       sources.markServed(r.used);
@@ -294,7 +309,6 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   // A new whole etcd generation is applied like a file edit (always watched: it is the point of a store).
   onSourceChange = () => void reload('etcd');
 
-  let source: FileSource | undefined;
   if (opts.watch !== false) {
     source = new FileSource(sources.filePaths, () => void reload('change'), { pollMs: 500 });
     source.setExtraFiles(secretFiles(first.snapshot));

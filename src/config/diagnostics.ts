@@ -122,7 +122,7 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   // TG6xxx: Kubernetes Gateway API (reasons are the Gateway API status reasons)
   TG6001: 'Gateway API Gateway not served by tlsgate (gatewayClassName handled by another controller)',
   TG6002: 'Gateway API listener is invalid (protocol, hostname, tls settings): it is not accepted',
-  TG6003: 'Gateway API listeners conflict on one port (protocol or hostname): the later one is not accepted',
+  TG6003: 'Gateway API listeners conflict on one port (protocol or hostname): none of the conflicting listeners is accepted',
   TG6004: 'Gateway API certificateRef is invalid (missing Secret, wrong kind, no tls.crt/tls.key): InvalidCertificateRef',
   TG6005: 'Gateway API cross-namespace reference without a ReferenceGrant that permits it: RefNotPermitted',
   TG6006: 'Gateway API route parentRef matches no served Gateway or listener: NoMatchingParent',
@@ -136,4 +136,6 @@ export const DIAGNOSTIC_CODES: Record<string, string> = {
   TG6014: 'Gateway API mesh route (parentRef Service) is for sidecars: not served at a gateway',
   TG6015: 'Gateway API setting that weakens TLS (AllowInsecureFallback client-certificate validation)',
   TG6016: 'Gateway API value is not supported for this listener or route (UnsupportedValue): the rule answers 500 or is skipped',
+  TG6017: 'a BackendTLSPolicy and a DestinationRule both set TLS for one Service port: the BackendTLSPolicy is used',
+  TG6018: 'Gateway API TCPRoute/TLSRoute has more rules than its apiVersion allows: the route is not accepted',
 };

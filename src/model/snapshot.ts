@@ -314,6 +314,11 @@ export interface Cluster {
     maxRequests?: number;
     maxRequestsPerConnection?: number;
     idleTimeoutMs?: number;
+    /**
+     * TCP proxying toward this cluster: no bytes either way for this long closes both sides
+     * (DestinationRule connectionPool.tcp.idleTimeout; 0 = never). Overrides TcpProxy.idleTimeoutMs.
+     */
+    tcpIdleTimeoutMs?: number;
   };
   origin?: Origin;
 }

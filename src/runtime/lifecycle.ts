@@ -71,6 +71,13 @@ function clientErrorStatus(code: string | undefined): { status: number; text: st
   return { status: 400, text: 'Bad Request', reason: 'bad_request' };
 }
 
+/** A header list's size as HTTP/2 counts it (RFC 9113 6.5.2): name + value + 32 octets per field. */
+function headerListSize(raw: readonly string[]): number {
+  let n = 0;
+  for (let i = 0; i + 1 < raw.length; i += 2) n += raw[i]!.length + raw[i + 1]!.length + 32;
+  return n;
+}
+
 type HttpServers = { h1: http.Server; h2?: http2.Http2Server };
 
 /** Everything built for one snapshot generation. */
@@ -150,10 +157,23 @@ class Generation implements ChainRuntime {
       s = { h1 };
       if (chain.tls) {
         // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
+        // Over the field count, nghttp2 resets the stream (ENHANCE_YOUR_CALM); its count includes
+        // the four request pseudo-headers, so the same number of fields as HTTP/1.1 gets in.
+        // The size limit is our SETTINGS_MAX_HEADER_LIST_SIZE, which Node enforces (same reset)
+        // only once the client acknowledged those SETTINGS: the requests a client sends with its
+        // preface are checked here instead, and get the 431 HTTP/1.1 would.
+        const h2Handler = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+          if (headerListSize(req.rawHeaders) > limits.maxRequestHeaderBytes) {
+            res.writeHead(431, { 'content-type': 'text/plain' }).end('request header fields too large\n');
+            this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket as net.Socket);
+            return;
+          }
+          (handler as unknown as (q: http2.Http2ServerRequest, r: http2.Http2ServerResponse) => void)(req, res);
+        };
         const h2 = http2.createServer({
           settings: { maxConcurrentStreams: 100, maxHeaderListSize: limits.maxRequestHeaderBytes },
-          maxHeaderListPairs: limits.maxRequestHeaders,
-        }, handler as never);
+          maxHeaderListPairs: limits.maxRequestHeaders + 4,
+        }, h2Handler);
         h2.setTimeout(H2_SESSION_IDLE_MS);
         h2.on('sessionError', () => {});
         h2.on('session', (session: http2.ServerHttp2Session) => {

@@ -87,9 +87,10 @@ export class EtcdSource {
 
   /**
    * Reads the whole prefix (retrying for up to timeoutMs while etcd cannot be reached), then
-   * starts watching. Rejects when etcd stays unreachable or refuses (auth, TLS).
+   * starts watching (unless `watch` is false: a one-time read). Rejects when etcd stays
+   * unreachable or refuses (auth, TLS).
    */
-  async start(timeoutMs = 10_000): Promise<void> {
+  async start(timeoutMs = 10_000, watch = true): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     for (let attempt = 0; ; attempt++) {
       try {
@@ -103,7 +104,7 @@ export class EtcdSource {
         await sleep(Math.min(250 * 2 ** attempt, 2000, Math.max(0, deadline - Date.now())));
       }
     }
-    this.#watch();
+    if (watch) this.#watch();
   }
 
   /** The last whole generation. */

@@ -54,9 +54,12 @@ export class ConfigSources {
     return [];
   }
 
-  /** Reads every etcd prefix once (each retried while etcd is unreachable, up to timeoutMs). */
-  async start(timeoutMs = 10_000): Promise<void> {
-    await Promise.all(this.etcd.map((s) => s.start(timeoutMs)));
+  /**
+   * Reads every etcd prefix once (each retried while etcd is unreachable, up to timeoutMs), then
+   * watches them unless `watch` is false.
+   */
+  async start(timeoutMs = 10_000, watch = true): Promise<void> {
+    await Promise.all(this.etcd.map((s) => s.start(timeoutMs, watch)));
   }
 
   async load(): Promise<LoadedSources> {
@@ -104,5 +107,31 @@ export class ConfigSources {
       t.set('config_source_generation', st.generation ?? 0, { source: st.url });
       t.set('config_source_connected', st.connected ? 1 : 0, { source: st.url });
     }
+  }
+}
+
+/** What a command that does not serve read from its `--config` entries. */
+export interface SourcesReadOnce extends LoadedSources {
+  /** The `etcd://` entries, in order, each with the generation it contributed. */
+  etcd: { url: string; revision: number; generation: number | null; keys: number }[];
+}
+
+/**
+ * Reads every `--config` entry once, files and `etcd://` prefixes alike, with the key layout
+ * `run` reads (one whole generation per prefix), for `validate` and `explain`. Nothing keeps
+ * watching. Rejects on a malformed etcd URL or when etcd cannot be read within timeoutMs.
+ */
+export async function readSourcesOnce(config: readonly string[], conn: EtcdConnectionOptions = {}, timeoutMs = 10_000): Promise<SourcesReadOnce> {
+  const sources = new ConfigSources(config, conn, () => {});
+  try {
+    await sources.start(timeoutMs, false);
+    const loaded = await sources.load();
+    const etcd = sources.etcd.map((s, i) => {
+      const g = loaded.used[i]!;
+      return { url: s.target.url, revision: g.revision, generation: g.generation, keys: g.entries.size };
+    });
+    return { ...loaded, etcd };
+  } finally {
+    sources.close();
   }
 }

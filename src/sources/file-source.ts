@@ -44,21 +44,30 @@ async function listFiles(p: string, out: string[], seen: Set<string>): Promise<v
   } else out.push(p);
 }
 
-/** A hash over the content of every config file under the paths (plus extra files, e.g. certificates). */
-export async function contentHash(paths: readonly string[], extraFiles: readonly string[] = []): Promise<string> {
+/** SHA-256 of one file's content, or `<ENOENT>` (the error code) when it cannot be read. */
+export async function fileDigest(file: string): Promise<string> {
+  try {
+    return createHash('sha256').update(await fsp.readFile(file)).digest('hex');
+  } catch (e) {
+    return `<${(e as { code?: string }).code ?? 'error'}>`;
+  }
+}
+
+/**
+ * A hash over the content of every config file under the paths (plus extra files, e.g.
+ * certificates). When `digests` is given, it receives each extra file's fileDigest.
+ */
+export async function contentHash(paths: readonly string[], extraFiles: readonly string[] = [], digests?: Map<string, string>): Promise<string> {
   const files: string[] = [];
   const seen = new Set<string>();
   for (const p of paths) await listFiles(p, files, seen);
-  files.push(...extraFiles);
   const h = createHash('sha256');
-  for (const f of files) {
-    h.update(f).update('\0');
-    try {
-      h.update(await fsp.readFile(f));
-    } catch (e) {
-      h.update(`<${(e as { code?: string }).code ?? 'error'}>`);
-    }
-    h.update('\0');
+  const add = (f: string, d: string) => h.update(f).update('\0').update(d).update('\0');
+  for (const f of files) add(f, await fileDigest(f));
+  for (const f of extraFiles) {
+    const d = await fileDigest(f);
+    digests?.set(f, d);
+    add(f, d);
   }
   return h.digest('hex');
 }
@@ -67,6 +76,8 @@ export class FileSource {
   readonly #paths: string[];
   readonly #watchers: FSWatcher[] = [];
   #extra: string[] = [];
+  /** fileDigest of each extra file, from the same read as #last. */
+  #digests = new Map<string, string>();
   #timer: NodeJS.Timeout | undefined;
   #debounce: NodeJS.Timeout | undefined;
   #last = '';
@@ -86,8 +97,19 @@ export class FileSource {
     this.#rewatch();
   }
 
+  /**
+   * The content digest (fileDigest) of an extra file as of the last check, so a caller that needs
+   * it does not read the file again; undefined for a file not hashed yet. It may lag the disk by
+   * one poll, but a change it has not seen yet fires onChange once it is seen.
+   */
+  digestOf(file: string): string | undefined {
+    return this.#digests.get(file);
+  }
+
   async start(): Promise<void> {
-    this.#last = await contentHash(this.#paths, this.#extra);
+    const digests = new Map<string, string>();
+    this.#last = await contentHash(this.#paths, this.#extra, digests);
+    this.#digests = digests;
     this.#rewatch();
     this.#timer = setInterval(() => this.#check(), this.opts.pollMs ?? 500);
     this.#timer.unref();
@@ -133,16 +155,20 @@ export class FileSource {
     if (this.#checking) { this.#again = true; return; }
     this.#checking = true;
     try {
-      let h = await contentHash(this.#paths, this.#extra);
+      let digests = new Map<string, string>();
+      let h = await contentHash(this.#paths, this.#extra, digests);
       // A writer that truncates then writes (shell redirection, writeFile) shows an empty or
       // partial file for a moment: fire only once the content has held still for a short
       // while, so a half-written file is never applied.
       for (let i = 0; h !== this.#last && i < 20; i++) {
         await new Promise((r) => setTimeout(r, this.opts.settleMs ?? 40));
-        const again = await contentHash(this.#paths, this.#extra);
+        const next = new Map<string, string>();
+        const again = await contentHash(this.#paths, this.#extra, next);
+        digests = next;
         if (again === h) break;
         h = again;
       }
+      if (!this.#closed) this.#digests = digests;
       if (h !== this.#last && !this.#closed) {
         this.#last = h;
         this.onChange();

@@ -101,6 +101,22 @@ const SCHEMAS: Record<string, Schema> = {
       })),
     }),
   }),
+  GRPCRoute: envelope({
+    spec: obj({
+      ...commonRoute,
+      hostnames: strArray,
+      rules: arrayOf(obj({
+        name: str,
+        matches: arrayOf(obj({
+          method: obj({ type: enumOf(['Exact', 'RegularExpression']), service: str, method: str }),
+          headers: arrayOf(valueMatch),
+        })),
+        filters: arrayOf(httpFilter),
+        backendRefs: arrayOf(backendRef),
+        sessionPersistence: anyObject,
+      })),
+    }),
+  }),
   TLSRoute: envelope({
     spec: obj({ ...commonRoute, hostnames: strArray, rules: arrayOf(obj({ name: str, backendRefs: arrayOf(tcpBackendRef) }), { minItems: 1 }) }, ['rules']),
   }),

@@ -157,6 +157,39 @@ export class ClusterBuilder {
   #sniDefault = '';
 
   /**
+   * A DestinationRule for a Kubernetes Service that a Gateway API route sends to (host
+   * `<name>.<ns>.svc.cluster.local`, or a short name or wildcard resolved in the rule's namespace,
+   * as Istio reads them), applied to that backend's `cluster` like the Istio path applies it:
+   * load balancer, connection pool, outlier detection (reported), PROXY protocol. Backend refs
+   * have no subsets, so the top-level and port-level policies are the layers. Its TLS is returned,
+   * not applied, so the caller can weigh it against a BackendTLSPolicy: `tls` undefined = none,
+   * null = invalid (reported; the caller fails closed). undefined when no rule applies.
+   */
+  serviceDestinationRule(cluster: Cluster, host: string, ns: string, carries: 'http' | 'tcp'): { dr: DestinationRuleResource; tlsPath: string; tls: UpstreamTlsContext | undefined | null } | undefined {
+    const dr = this.#lookupDestinationRule(host, host, ns);
+    if (!dr) return undefined;
+    const { ctx } = this;
+    const port = cluster.servicePort;
+    const layers = policyLayers(dr.spec.trafficPolicy, undefined, -1, port);
+    const pp = dr.metadata.annotations['tlsgate.io/proxy-protocol'];
+    if (pp === 'v1' || pp === 'v2') {
+      if (carries === 'tcp') cluster.proxyProtocol = pp;
+      else this.#once(dr, 'pp-http', () => ctx.error('TG4001', dr, 'metadata.annotations["tlsgate.io/proxy-protocol"]',
+        `not supported yet: sending PROXY protocol to "${host}" from HTTP routes (pooled connections are shared by many clients)`, 'use it with TCPRoutes or TLSRoutes'));
+    } else if (pp !== undefined) ctx.error('TG2003', dr, 'metadata.annotations["tlsgate.io/proxy-protocol"]', `invalid value "${pp}"`, 'valid values: v1, v2');
+    this.#applyLoadBalancer(cluster, layers.get('loadBalancer') as LoadBalancerSettings | undefined, dr, layers.pathOf('loadBalancer'));
+    this.#applyConnectionPool(cluster, layers.get('connectionPool') as ConnectionPoolSettings | undefined, dr, layers.pathOf('connectionPool'));
+    if (layers.get('outlierDetection') !== undefined) {
+      this.#once(dr, layers.pathOf('outlierDetection'), () => ctx.error('TG4001', dr, layers.pathOf('outlierDetection'), 'not supported yet: outlierDetection', 'remove it; tlsgate does not eject endpoints yet'));
+    }
+    const settings = layers.get('tls') as ClientTlsSettings | undefined;
+    const tlsPath = layers.pathOf('tls');
+    if (!settings) return { dr, tlsPath, tls: undefined };
+    this.#sniDefault = `outbound_.${port}_._.${host}`;
+    return { dr, tlsPath, tls: this.#upstreamTls(settings, dr, tlsPath, host, carries, cluster.httpProtocol) };
+  }
+
+  /**
    * ISTIO_MUTUAL origination: the proxy's workload certificate, the mesh roots, SNI `sni` or
    * `outbound_.<port>_.<subset>_.<host>`, Istio's mTLS ALPN. With no subjectAltNames any identity
    * issued by the mesh CA is accepted (the chain is verified; names are not).
@@ -284,7 +317,12 @@ export class ClusterBuilder {
         if (Number.isNaN(ct) || ct <= 0) this.ctx.error('TG2005', dr, `${path}.tcp.connectTimeout`, `invalid duration "${tcp.connectTimeout}"`, 'use e.g. 500ms, 10s');
         else cluster.connectTimeoutMs = ct;
       }
-      for (const f of ['tcpKeepalive', 'maxConnectionDuration', 'idleTimeout'] as const) {
+      const idle = parseDuration(tcp.idleTimeout);
+      if (idle !== undefined) {
+        if (Number.isNaN(idle) || idle < 0) this.ctx.error('TG2005', dr, `${path}.tcp.idleTimeout`, `invalid duration "${tcp.idleTimeout}"`, 'use e.g. 30s, 1h; 0s disables it');
+        else cluster.limits.tcpIdleTimeoutMs = idle;
+      }
+      for (const f of ['tcpKeepalive', 'maxConnectionDuration'] as const) {
         if (tcp[f] !== undefined) this.#once(dr, `${path}.tcp.${f}`, () => this.ctx.error('TG4001', dr, `${path}.tcp.${f}`, `not supported yet: connectionPool.tcp.${f}`));
       }
     }

@@ -8,14 +8,24 @@
  * socket closes by itself once both of its directions are done. When one side has closed and the
  * other still has bytes queued, those bytes are flushed before it is closed too: a bulk download
  * whose server closes right after the last byte must not lose its tail.
+ *
+ * Native relay: when both sides are raw TCP sockets (passthrough, plain TCP, CONNECT tunnels
+ * without upstream TLS) and the splice addon is in use (native-relay.ts), JS stops reading both
+ * sockets, forwards what it already holds (replay, PROXY header, bytes buffered in the streams),
+ * waits until those writes reached the kernel, and hands both descriptors to the relay thread.
+ * The JS sockets stay open, untouched, until the addon reports the connection done; destroying
+ * one meanwhile (closeAll, drain) stops the native relay. Access-log bytes add the addon's
+ * counts to what JS moved itself.
  */
 import type * as net from 'node:net';
+import { TLSSocket } from 'node:tls';
 import type { Cluster, TcpProxy, WeightedCluster } from '../../model/snapshot.js';
 import { isIP } from 'node:net';
 import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
+import { relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
 
 export interface TcpConnector {
   connectTcp(cluster: string, opts: { timeoutMs?: number; sni?: string }): Promise<{ socket: net.Socket; endpoint: string }>;
@@ -90,6 +100,43 @@ function closeAfterFlush(s: net.Socket): void {
   s.once('close', () => clearTimeout(t));
 }
 
+interface StreamHandle {
+  fd?: number;
+  reading?: boolean;
+  readStop?(): number;
+  readStart?(): number;
+}
+
+const EMPTY = Buffer.alloc(0);
+const noRead = (): void => {};
+
+/** A plain TCP socket's libuv handle (not TLS: those bytes must be encrypted in JS). */
+function rawHandle(s: net.Socket): StreamHandle | undefined {
+  if (s instanceof TLSSocket) return undefined;
+  const h = (s as unknown as { _handle?: StreamHandle | null })._handle;
+  return h && typeof h.fd === 'number' && h.fd >= 0 && typeof h.readStop === 'function' && typeof h.readStart === 'function' ? h : undefined;
+}
+
+/** No more bytes enter this stream from the kernel, and the stream never asks for more. */
+function stopReads(s: net.Socket, h: StreamHandle): void {
+  h.readStop!();
+  h.reading = false;
+  (s as unknown as { _read: () => void })._read = noRead;
+}
+
+/** Undoes stopReads (the native relay could not start). */
+function restartReads(s: net.Socket, h: StreamHandle): void {
+  delete (s as unknown as { _read?: unknown })._read;
+  if (s.destroyed) return;
+  h.reading = true;
+  h.readStart!();
+}
+
+/** Moves what the stream already buffered into `out`. */
+function drainInto(s: net.Socket, out: Buffer[]): void {
+  for (let c: Buffer | null; (c = s.read() as Buffer | null) !== null;) out.push(c);
+}
+
 export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: TcpProxy, info: ConnectionInfo, env: TcpProxyEnv): void {
   const { telemetry } = env;
   let up: net.Socket | undefined;
@@ -101,12 +148,22 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   const target = pickWeighted(proxy.clusters);
   const labels = { listener: info.listener };
 
+  /** While the native relay runs: its id; its report finishes the connection. */
+  let nativeId: number | undefined;
+  let native: NativeRelayResult | undefined;
+
   const finish = (why?: Reason) => {
     if (why && reason === 'ok') reason = why;
     if (done) return;
+    if (nativeId !== undefined) {
+      stopNativeRelay(nativeId);
+      return;
+    }
     done = true;
     down.destroy();
     up?.destroy();
+    const bytesReceived = down.bytesRead + (native?.downRead ?? 0);
+    const bytesSent = down.bytesWritten + (native?.downWritten ?? 0);
     telemetry.gauge('downstream_connections_active', -1, labels);
     telemetry.accessLog({
       time: new Date(info.startMs).toISOString(),
@@ -125,17 +182,17 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       cluster: target?.cluster,
       upstream: endpoint || undefined,
       // Downstream view: bytes the client sent us / we sent the client.
-      bytesReceived: down.bytesRead,
-      bytesSent: down.bytesWritten,
+      bytesReceived,
+      bytesSent,
       // Upstream view: bytes we sent the upstream (replay included) / it sent us.
-      upstreamBytesSent: up ? up.bytesWritten : 0,
-      upstreamBytesReceived: up ? up.bytesRead : 0,
+      upstreamBytesSent: up ? up.bytesWritten + (native?.upWritten ?? 0) : 0,
+      upstreamBytesReceived: up ? up.bytesRead + (native?.upRead ?? 0) : 0,
       durationMs: Date.now() - info.startMs,
       reason,
     });
     telemetry.count('tcp_connections_total', { listener: info.listener, reason });
-    if (down.bytesRead > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, down.bytesRead);
-    if (down.bytesWritten > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, down.bytesWritten);
+    if (bytesReceived > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, bytesReceived);
+    if (bytesSent > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, bytesSent);
   };
 
   // A FIN from the client must reach the upstream without closing our write side (the listener
@@ -143,12 +200,79 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   down.allowHalfOpen = true;
   down.on('error', () => finish('downstream_reset'));
   down.on('close', () => {
+    // Destroyed from outside (closeAll) while relayed natively: end that relay too.
+    if (nativeId !== undefined) return stopNativeRelay(nativeId);
     downClosed = true;
     if (!up || upClosed) finish();
     else closeAfterFlush(up);
   });
   down.pause();
   telemetry.gauge('downstream_connections_active', 1, labels);
+
+  let idleMs = proxy.idleTimeoutMs;
+
+  /** The JS relay: stream pipes with backpressure; `first` goes to the upstream before the rest. */
+  const relayJs = (upstream: net.Socket, first: Buffer[]) => {
+    const idle = idleMs;
+    if (idle > 0) {
+      // 'timeout' fires after `idle` ms with no reads or writes on that socket.
+      const onIdle = () => finish('idle_timeout');
+      down.setTimeout(idle, onIdle);
+      upstream.setTimeout(idle, onIdle);
+    }
+    for (const b of first) upstream.write(b);
+    // pipe() gives backpressure and, with end: true, forwards a FIN as a half-close (also for
+    // a side whose 'end' was already emitted).
+    down.pipe(upstream);
+    upstream.pipe(down);
+    down.resume();
+  };
+
+  /**
+   * To the native relay: no more JS reads, everything JS holds written and handed to the kernel
+   * (the empty writes complete after every earlier write on that socket), then the descriptors.
+   */
+  const handOff = (upstream: net.Socket, dh: StreamHandle, uh: StreamHandle, first: Buffer[]) => {
+    let downEof = down.readableEnded;
+    let upEof = upstream.readableEnded;
+    down.once('end', () => { downEof = true; });
+    upstream.once('end', () => { upEof = true; });
+    stopReads(down, dh);
+    stopReads(upstream, uh);
+    const toUp = first;
+    const toDown: Buffer[] = [];
+    drainInto(down, toUp);
+    drainInto(upstream, toDown);
+    let waiting = 1;
+    const begin = () => {
+      if (done || down.destroyed || upstream.destroyed) return; // their 'close' handlers finish
+      down.setTimeout(0);
+      upstream.setTimeout(0);
+      try {
+        nativeId = startNativeRelay(dh.fd!, uh.fd!, { idleTimeoutMs: idleMs, downEof, upEof }, (r) => {
+          nativeId = undefined;
+          native = r;
+          finish(r.reason === 'ok' || r.reason === 'stopped' ? undefined : r.reason);
+        });
+      } catch (e) {
+        // Out of descriptors for pipes, say: this connection stays on the JS relay.
+        telemetry.log('warn', 'native relay could not start; using the JS relay for this connection', { error: (e as Error).message });
+        restartReads(down, dh);
+        restartReads(upstream, uh);
+        relayJs(upstream, []);
+      }
+    };
+    const written = () => {
+      // setImmediate: an 'end' the drain reached is emitted on the next tick; see it first.
+      if (--waiting === 0) setImmediate(begin);
+    };
+    for (const b of toUp) { waiting++; upstream.write(b, written); }
+    for (const b of toDown) { waiting++; down.write(b, written); }
+    waiting += 2;
+    upstream.write(EMPTY, written);
+    down.write(EMPTY, written);
+    written();
+  };
 
   if (!target) {
     finish('no_healthy_upstream');
@@ -168,24 +292,22 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       socket.allowHalfOpen = true;
       socket.on('error', () => finish('upstream_reset'));
       socket.on('close', () => {
+        if (nativeId !== undefined) return stopNativeRelay(nativeId);
         upClosed = true;
         if (downClosed) finish();
         else closeAfterFlush(down);
       });
-      const idle = proxy.idleTimeoutMs;
-      if (idle > 0) {
-        // 'timeout' fires after `idle` ms with no reads or writes on that socket.
-        const onIdle = () => finish('idle_timeout');
-        down.setTimeout(idle, onIdle);
-        socket.setTimeout(idle, onIdle);
-      }
-      const pp = env.clusters.get?.(target.cluster)?.proxyProtocol;
-      if (pp) socket.write(proxyHeaderFor(pp, info));
-      if (replay && replay.length) socket.write(replay);
-      // pipe() gives backpressure and, with end: true, forwards a FIN as a half-close.
-      down.pipe(socket);
-      socket.pipe(down);
-      down.resume();
+      const cluster = env.clusters.get?.(target.cluster);
+      // The destination's DestinationRule idle timeout wins over the route's default.
+      idleMs = cluster?.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs;
+      const pp = cluster?.proxyProtocol;
+      const first: Buffer[] = [];
+      if (pp) first.push(proxyHeaderFor(pp, info));
+      if (replay && replay.length) first.push(replay);
+      const downHandle = rawHandle(down);
+      const upHandle = rawHandle(socket);
+      if (downHandle && upHandle && relayInUse() === 'native') handOff(socket, downHandle, upHandle, first);
+      else relayJs(socket, first);
     },
     (err: Error & { code?: string; reason?: Reason }) => {
       telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });

@@ -158,8 +158,8 @@ kind: ConfigMap
 metadata: {name: ca}
 data: {ca.crt: "-----BEGIN CERTIFICATE-----"}
 `,
-    `apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
+    `apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: UDPRoute
 metadata: {name: r}
 spec: {parentRefs: [{name: gw}], whatever: [1, 2]}
 `,
@@ -174,8 +174,8 @@ spec: {parentRefs: [{name: gw}], whatever: [1, 2]}
   assert.equal(r.workloadEntries[0]!.spec.address, '10.0.0.5');
   assert.equal(r.peerAuthentications[0]!.metadata.namespace, 'istio-system');
   assert.equal(r.configMaps[0]!.data['ca.crt'], '-----BEGIN CERTIFICATE-----');
-  // Kinds without a tlsgate schema (GRPCRoute) keep their spec as written.
-  assert.equal(r.gatewayApi[0]!.kind, 'GRPCRoute');
+  // Kinds without a tlsgate schema (UDPRoute) keep their spec as written.
+  assert.equal(r.gatewayApi[0]!.kind, 'UDPRoute');
   assert.equal(r.gatewayApi[0]!.group, 'gateway.networking.k8s.io');
   assert.deepEqual(r.gatewayApi[0]!.spec.whatever, [1, 2]);
 });

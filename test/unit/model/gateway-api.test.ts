@@ -378,7 +378,9 @@ spec:
   listeners:
   - {name: a, port: 8080, protocol: HTTP, hostname: a.io}
   - {name: b, port: 8080, protocol: HTTP, hostname: a.io}
-  - {name: c, port: 8080, protocol: TCP}
+  - {name: ok, port: 8080, protocol: HTTP, hostname: b.io}
+  - {name: c, port: 8081, protocol: TCP}
+  - {name: e, port: 8081, protocol: HTTP}
   - {name: d, port: 9000, protocol: UDP}
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -389,8 +391,16 @@ spec:
   listeners: [{name: x, port: 80, protocol: HTTP}]
 `);
   const msgs = status(s.snapshot, 'Gateway', 'gw');
-  assert.ok(msgs.some((m) => /^listener b: Accepted=False \(HostnameConflict\)/.test(m)), msgs.join('\n'));
-  assert.ok(msgs.some((m) => /^listener c: Accepted=False \(ProtocolConflict\)/.test(m)));
+  // No winner among conflicting listeners (the spec): both sides are Conflicted and not accepted.
+  for (const [l, reason] of [['a', 'HostnameConflict'], ['b', 'HostnameConflict'], ['c', 'ProtocolConflict'], ['e', 'ProtocolConflict']]) {
+    assert.ok(msgs.some((m) => m.startsWith(`listener ${l}: Conflicted=True (${reason})`)), `${l}:\n${msgs.join('\n')}`);
+    assert.ok(msgs.some((m) => m.startsWith(`listener ${l}: Accepted=False (${reason})`)), `${l}:\n${msgs.join('\n')}`);
+    assert.ok(msgs.some((m) => m.startsWith(`listener ${l}: Programmed=False (Invalid)`)), `${l}:\n${msgs.join('\n')}`);
+  }
+  assert.ok(msgs.some((m) => m.startsWith('listener ok: Programmed=True')), msgs.join('\n'));
+  assert.ok(msgs.some((m) => /^Accepted=True \(ListenersNotValid\): listener\(s\) not accepted: a, b, c, e, d$/.test(m)), msgs.join('\n'));
+  assert.equal(s.snapshot.listeners.filter((l) => l.port === 8081).length, 0);
+  assert.deepEqual(hcm(listener(s.snapshot, 8080).filterChains[0]!).routeConfig.virtualHosts.map((v) => v.name), []);
   assert.ok(msgs.some((m) => /^listener d: Accepted=False \(UnsupportedProtocol\)/.test(m)));
   assert.equal(s.snapshot.listeners.filter((l) => l.port === 80).length, 0);
   assert.ok(s.diagnostics.some((d) => d.code === 'TG6001' && d.severity === 'info'));

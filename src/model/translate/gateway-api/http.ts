@@ -11,7 +11,7 @@ import type { HeaderMutation, Route, RouteAction, RouteMatch, WeightedCluster } 
 import type { TranslateContext } from '../context.js';
 import type { GatewayApiRefs } from './refs.js';
 import type { StatusBook } from './status.js';
-import { specOf, type HeaderOps, type HttpFilter, type HttpMatch, type HttpRule, type RouteSpec } from './types.js';
+import { specOf, type GrpcMatch, type GrpcRouteSpec, type HeaderOps, type HttpFilter, type HttpMatch, type HttpRule, type RouteSpec } from './types.js';
 
 /** A route with what orders it among the routes of one virtual host. */
 export interface RankedRoute {
@@ -89,6 +89,79 @@ export class HttpRouteBuilder {
     return out;
   }
 
+  /**
+   * The ranked routes of one GRPCRoute. A gRPC call is an HTTP/2 POST to `/<service>/<method>`,
+   * so a method match is a path match: Exact service and method is an exact path, one of them
+   * alone or RegularExpression is an anchored regex. Ranked by the spec's gRPC precedence
+   * (characters of the service, of the method, number of headers), then age and name.
+   */
+  grpcRoutes(gr: GatewayApiResource, age: number): RankedRoute[] {
+    let out = this.#cache.get(gr);
+    if (out) return out;
+    out = [];
+    const spec = specOf<GrpcRouteSpec>(gr);
+    (spec.rules ?? [{}]).forEach((rule, i) => {
+      const path = `spec.rules[${i}]`;
+      const { matches: _matches, ...rest } = rule;
+      const action = this.#action(gr, path, rest as HttpRule, true);
+      const filters = rule.filters ?? [];
+      const reqH = mutation(filters.find((f) => f.type === 'RequestHeaderModifier')?.requestHeaderModifier);
+      const resH = mutation(filters.find((f) => f.type === 'ResponseHeaderModifier')?.responseHeaderModifier);
+      const matches: GrpcMatch[] = rule.matches?.length ? rule.matches : [{}];
+      matches.forEach((m, j) => {
+        const built = this.#grpcMatch(gr, `${path}.matches[${j}]`, m);
+        if (!built) return;
+        const route: Route = {
+          name: `${gr.metadata.namespace}/${gr.metadata.name}#rules[${i}]${rule.matches?.length ? `.matches[${j}]` : ''}`,
+          matches: [built.match],
+          action,
+          origin: this.ctx.origin(gr, rule.matches?.length ? `${path}.matches[${j}]` : path),
+        };
+        if (reqH) route.requestHeaders = reqH;
+        if (resH) route.responseHeaders = resH;
+        out!.push({ route, rank: [...built.rank, age, `${gr.metadata.namespace}/${gr.metadata.name}`, i, j] });
+      });
+    });
+    this.#cache.set(gr, out);
+    return out;
+  }
+
+  #grpcMatch(gr: GatewayApiResource, path: string, m: GrpcMatch): { match: RouteMatch; rank: (number | string)[] } | undefined {
+    const rm: RouteMatch = { headers: [], queryParams: [] };
+    const mm = m.method;
+    const type = mm?.type ?? 'Exact';
+    const service = mm?.service ?? '', method = mm?.method ?? '';
+    if (mm && service === '' && method === '') {
+      this.#unsupported(gr, `${path}.method`, 'one or both of service and method must be set');
+      return undefined;
+    }
+    if (type === 'Exact') {
+      if (service !== '' && !/^\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*$/.test(service)) { this.#unsupported(gr, `${path}.method.service`, `service "${service}" is not a valid gRPC service name`); return undefined; }
+      if (method !== '' && !/^[A-Za-z_][A-Za-z_0-9]*$/.test(method)) { this.#unsupported(gr, `${path}.method.method`, `method "${method}" is not a valid gRPC method name`); return undefined; }
+      if (service !== '' && method !== '') rm.path = { kind: 'exact', value: `/${service}/${method}` };
+      else if (service !== '') rm.path = { kind: 'regex', value: `/${escapeRegex(service)}/[^/]+` };
+      else if (method !== '') rm.path = { kind: 'regex', value: `/[^/]+/${escapeRegex(method)}` };
+      else rm.path = { kind: 'prefix', value: '/' };
+    } else {
+      for (const [field, re] of [['service', service], ['method', method]] as const) {
+        // Standalone too: `a)|(.*` compiles once wrapped in a group but would escape it.
+        const err = re === '' ? undefined : compiles(re) ?? (() => { try { new RegExp(re); return undefined; } catch (e) { return (e as Error).message; } })();
+        if (err) { this.ctx.warn('TG3020', gr, `${path}.method.${field}`, `regular expression does not compile: ${err}: this match is skipped`); return undefined; }
+      }
+      rm.path = { kind: 'regex', value: `/(?:${service || '[^/]+'})/(?:${method || '[^/]+'})` };
+    }
+    const headers = m.headers ?? [];
+    for (let k = 0; k < headers.length; k++) {
+      const h = headers[k]!;
+      if (h.type === 'RegularExpression') {
+        const err = compiles(h.value);
+        if (err) { this.ctx.warn('TG3020', gr, `${path}.headers[${k}].value`, `regular expression does not compile: ${err}: this match is skipped`); return undefined; }
+      }
+      rm.headers.push({ name: h.name.toLowerCase(), matcher: h.type === 'RegularExpression' ? { kind: 'regex', value: h.value } : { kind: 'exact', value: h.value }, invert: false });
+    }
+    return { match: rm, rank: [-service.length, -method.length, -headers.length] };
+  }
+
   #match(hr: GatewayApiResource, path: string, m: HttpMatch): { match: RouteMatch; rank: number[]; prefix?: string } | undefined {
     const rm: RouteMatch = { headers: [], queryParams: [] };
     const type = m.path?.type ?? 'PathPrefix';
@@ -134,12 +207,13 @@ export class HttpRouteBuilder {
   }
 
   /** The action of a rule before per-match prefix rewrites. */
-  #action(hr: GatewayApiResource, path: string, rule: HttpRule): RouteAction {
+  #action(hr: GatewayApiResource, path: string, rule: HttpRule, grpc = false): RouteAction {
     const fail: RouteAction = { kind: 'direct', status: 500, body: 'no valid backend\n' };
     const filters = rule.filters ?? [];
+    const known = grpc ? ['RequestHeaderModifier', 'ResponseHeaderModifier'] : ['RequestHeaderModifier', 'ResponseHeaderModifier', 'RequestRedirect', 'URLRewrite'];
     for (let k = 0; k < filters.length; k++) {
       const f = filters[k]!;
-      if (!['RequestHeaderModifier', 'ResponseHeaderModifier', 'RequestRedirect', 'URLRewrite'].includes(f.type)) {
+      if (!known.includes(f.type)) {
         this.ctx.warn('TG4001', hr, `${path}.filters[${k}]`, `not supported yet: filter ${f.type}: requests matched by this rule get 500`);
         return fail;
       }
@@ -167,7 +241,7 @@ export class HttpRouteBuilder {
     const weighted: WeightedCluster[] = [];
     const refs = rule.backendRefs ?? [];
     refs.forEach((b, k) => {
-      const cluster = this.refs.backend(hr, `${path}.backendRefs[${k}]`, b, 'http');
+      const cluster = this.refs.backend(hr, `${path}.backendRefs[${k}]`, b, 'http', grpc);
       if (!cluster) return;
       const wc: WeightedCluster = { cluster, weight: b.weight ?? 1 };
       const bf: HttpFilter[] = b.filters ?? [];

@@ -5,8 +5,11 @@
  * - listeners are validated and grouped by port; HTTP listeners of a port share one route table,
  *   HTTPS and TLS listeners get one filter chain each, chosen by SNI (their hostname);
  * - routes attach to listeners through parentRefs (sectionName, port), allowedRoutes (namespaces,
- *   kinds) and hostname intersection; HTTPRoute rules are ordered by the spec's precedence;
+ *   kinds) and hostname intersection; HTTPRoute and GRPCRoute rules are ordered by the spec's
+ *   precedence (a gRPC method is the path /<service>/<method>);
  * - TLSRoutes on Passthrough listeners become SNI chains that pipe bytes; TCPRoutes take a port;
+ * - backends are Service clusters (refs.ts) with BackendTLSPolicy, DestinationRules and the
+ *   Gateway's backend client certificate;
  * - what a controller would write to `status` is computed (StatusBook) and reported.
  * Pure, like the rest of translate.
  */
@@ -30,12 +33,14 @@ export const CONTROLLER_NAME = 'tlsgate.io/gateway-controller';
 export const BUILTIN_CLASSES = ['tlsgate', 'istio'];
 const TERMINATE_MODE_OPTION = 'gateway.istio.io/tls-terminate-mode';
 const CIPHER_OPTION = 'gateway.istio.io/tls-cipher-suites';
-const ROUTE_KINDS = ['HTTPRoute', 'TLSRoute', 'TCPRoute'];
+const ROUTE_KINDS = ['HTTPRoute', 'GRPCRoute', 'TLSRoute', 'TCPRoute'];
+/** Route kinds whose rules match nothing: the apiVersions where the spec allows a single rule. */
+const ONE_RULE_VERSIONS = new Set([`${GROUP}/v1`, `${GROUP}/v1alpha3`]);
 const SUPPORTED_KINDS = new Set(['GatewayClass', 'Gateway', ...ROUTE_KINDS, 'BackendTLSPolicy', 'ReferenceGrant']);
 
 type Cls = 'http' | 'tls' | 'tcp';
 
-interface Attachment { route: GatewayApiResource; hosts: string[]; age: number }
+interface Attachment { route: GatewayApiResource; hosts: string[]; age: number; scope: string }
 
 interface ListenerEntry {
   gw: GatewayApiResource;
@@ -182,11 +187,11 @@ export function translateGatewayApi(ctx: TranslateContext, clusters: ClusterBuil
       maxClientHelloBytes: ctx.options.maxClientHelloBytes,
       origins: list.map((e) => ctx.origin(e.gw, e.path)),
     };
-    if (first.cls === 'http') listener.filterChains.push(httpChain(ctx, http, list));
+    if (first.cls === 'http') listener.filterChains.push(httpChain(ctx, book, http, list));
     else if (first.cls === 'tcp') {
       const fc = tcpChain(ctx, refs, first);
       if (fc) listener.filterChains.push(fc);
-    } else listener.filterChains.push(...tlsChains(ctx, refs, http, list));
+    } else listener.filterChains.push(...tlsChains(ctx, book, refs, http, list));
     computeMisdirected(listener);
     for (const e of list) {
       e.programmed = true;
@@ -201,17 +206,66 @@ export function translateGatewayApi(ctx: TranslateContext, clusters: ClusterBuil
     const key = `${gw.metadata.namespace}/${gw.metadata.name}`;
     if (!served.has(key)) continue;
     const list = byGateway.get(key) ?? [];
-    book.set(gw, '', { type: 'Accepted', status: 'True', reason: 'Accepted', message: '' });
+    const declared = specOf<GatewaySpec>(gw).listeners ?? [];
+    const ok = new Set(list.filter((e) => e.accepted).map((e) => e.spec));
+    const invalid = declared.filter((l) => !ok.has(l)).map((l) => l.name);
+    if (invalid.length === 0) book.set(gw, '', { type: 'Accepted', status: 'True', reason: 'Accepted', message: '' });
+    else {
+      // The spec's ListenersNotValid: accepted with the valid listeners only, or not at all.
+      const accepted = declared.length - invalid.length;
+      book.set(gw, '', { type: 'Accepted', status: accepted > 0 ? 'True' : 'False', reason: 'ListenersNotValid', message: `listener(s) not accepted: ${invalid.join(', ')}` });
+    }
     const programmed = list.filter((e) => e.programmed).length;
     if (programmed > 0) {
-      book.set(gw, '', { type: 'Programmed', status: 'True', reason: 'Programmed', message: `${programmed} of ${list.length} listener(s) programmed` });
-      ctx.info('TG6011', gw, 'spec.listeners', `Accepted, Programmed: ${programmed} of ${list.length} listener(s) served`);
+      book.set(gw, '', { type: 'Programmed', status: 'True', reason: 'Programmed', message: `${programmed} of ${declared.length} listener(s) programmed` });
+      ctx.info('TG6011', gw, 'spec.listeners', `Accepted, Programmed: ${programmed} of ${declared.length} listener(s) served`);
     } else {
       book.set(gw, '', { type: 'Programmed', status: 'False', reason: 'Invalid', message: 'no listener could be programmed' });
     }
   }
+  backendClientCertificates(ctx, refs, book, clusters, gateways.filter((g) => served.has(`${g.metadata.namespace}/${g.metadata.name}`)), entries);
   listeners.sort((a, b) => a.port - b.port || (a.address < b.address ? -1 : 1));
   return { listeners, statuses: book.statuses(), owners };
+}
+
+/**
+ * Gateway `spec.tls.backend.clientCertificateRef`: the certificate a Gateway presents to backends
+ * it reaches over TLS (BackendTLSPolicy). Clusters are shared by every Gateway whose routes send
+ * to the Service, so the certificate is added where all of those Gateways agree on it; a Service
+ * reached from Gateways with different certificates (or one without) gets none, and that is said.
+ */
+function backendClientCertificates(ctx: TranslateContext, refs: GatewayApiRefs, book: StatusBook, clusters: ClusterBuilder, gateways: GatewayApiResource[], entries: ListenerEntry[]): void {
+  const certs = new Map<string, { secret: string | undefined; gw: GatewayApiResource }>();
+  for (const gw of gateways) {
+    const ref = specOf<GatewaySpec>(gw).tls?.backend?.clientCertificateRef;
+    if (!ref) continue;
+    const path = 'spec.tls.backend.clientCertificateRef';
+    const r = refs.certificate(gw, ref);
+    if ('reason' in r) {
+      ctx.warn(r.reason === 'RefNotPermitted' ? 'TG6005' : 'TG6004', gw, path, `${r.message}: no client certificate is presented to backends (${r.reason})`);
+      book.set(gw, '', { type: 'ResolvedRefs', status: 'False', reason: r.reason, message: r.message });
+      certs.set(`${gw.metadata.namespace}/${gw.metadata.name}`, { secret: undefined, gw });
+    } else certs.set(`${gw.metadata.namespace}/${gw.metadata.name}`, { secret: r.secret, gw });
+  }
+  if (certs.size === 0) return;
+  const routeGateways = new Map<GatewayApiResource, Set<string>>();
+  for (const e of entries) {
+    if (!e.accepted) continue;
+    for (const a of e.routes) routeGateways.set(a.route, new Set([...(routeGateways.get(a.route) ?? []), e.gwKey]));
+  }
+  for (const [name, routes] of refs.policyClusters()) {
+    const gws = new Set([...routes].flatMap((r) => [...(routeGateways.get(r) ?? [])]));
+    const wanted = new Set([...gws].map((g) => certs.get(g)?.secret));
+    const cluster = clusters.clusters[name];
+    if (!cluster?.tls || gws.size === 0) continue;
+    if (wanted.size > 1) {
+      const owner = [...gws].map((g) => certs.get(g)?.gw).find((g) => g !== undefined)!;
+      ctx.warn('TG4001', owner, 'spec.tls.backend.clientCertificateRef', `not supported yet: ${cluster.serviceHost} port ${cluster.servicePort} is reached from Gateways with different backend client certificates (${[...gws].join(', ')}): none is presented to it`);
+      continue;
+    }
+    const secret = [...wanted][0];
+    if (secret !== undefined) cluster.tls = { ...cluster.tls, mode: 'MUTUAL', clientCertificate: secret };
+  }
 }
 
 // ------------------------------------------------------------------ listeners
@@ -243,7 +297,9 @@ function validateListener(ctx: TranslateContext, refs: GatewayApiRefs, book: Sta
   if (protocol === 'HTTPS' && passthrough) return reject('tls.mode', 'Invalid', 'tls mode must be Terminate for protocol HTTPS', 'use protocol TLS with a TLSRoute to pass TLS through');
 
   // Route kinds this listener takes.
-  const supported = protocol === 'TLS' ? (passthrough ? ['TLSRoute'] : ['TLSRoute', 'TCPRoute']) : cls === 'tcp' ? ['TCPRoute'] : ['HTTPRoute'];
+  const supported = protocol === 'TLS' ? (passthrough ? ['TLSRoute'] : ['TLSRoute', 'TCPRoute']) : cls === 'tcp' ? ['TCPRoute']
+    // gRPC over a plaintext listener needs h2c with prior knowledge, which tlsgate does not serve yet.
+    : protocol === 'HTTPS' ? ['HTTPRoute', 'GRPCRoute'] : ['HTTPRoute'];
   const kinds = new Set<string>();
   const asked = l.allowedRoutes?.kinds;
   if (asked?.length) {
@@ -368,34 +424,42 @@ function terminateTls(ctx: TranslateContext, refs: GatewayApiRefs, book: StatusB
 }
 
 /**
- * Listeners sharing a port must be distinct: one protocol class per port (HTTPS and TLS share),
- * one TCP listener per port, and a hostname at most once. The later listener (older Gateway first,
- * then list order) is not accepted.
+ * Listeners sharing a port must be distinct and compatible: one protocol class per port (HTTPS
+ * and TLS share one filter-chain table; plaintext HTTP beside them is a ProtocolConflict, as a TCP
+ * listener beside anything is) and a hostname at most once per class. The spec forbids picking a
+ * winner among conflicting listeners, across Gateways too: every listener of a conflict is
+ * Conflicted and none of them is accepted; the other listeners of the port keep serving.
  */
 function detectConflicts(ctx: TranslateContext, book: StatusBook, entries: ListenerEntry[]): void {
   const byPort = new Map<string, ListenerEntry[]>();
   for (const e of entries) {
     if (!e.accepted) continue;
     const k = `${e.address}_${e.port}`;
-    const seen = byPort.get(k) ?? [];
-    const first = seen[0];
-    let reason: string | undefined, message = '';
-    if (first && first.cls !== e.cls) { reason = 'ProtocolConflict'; message = `port ${e.port} is already ${first.protocol} (${first.gwKey} listener ${first.spec.name})`; }
-    else if (first && e.cls === 'tcp') { reason = 'ProtocolConflict'; message = `port ${e.port} already has a TCP listener (${first.gwKey} listener ${first.spec.name})`; }
-    else {
-      const dup = seen.find((o) => (o.hostname ?? '') === (e.hostname ?? ''));
-      if (dup) { reason = 'HostnameConflict'; message = `hostname "${e.hostname ?? '(any)'}" on port ${e.port} is already served by ${dup.gwKey} listener ${dup.spec.name}`; }
-    }
-    if (reason) {
-      e.accepted = false;
-      ctx.warn('TG6003', e.gw, e.path, `${message}: this listener is not accepted (${reason})`, 'use another port or hostname');
-      book.set(e.gw, e.scope, { type: 'Conflicted', status: 'True', reason, message });
-      book.set(e.gw, e.scope, { type: 'Accepted', status: 'False', reason: reason === 'ProtocolConflict' ? 'ProtocolConflict' : 'HostnameConflict', message });
-      book.set(e.gw, e.scope, { type: 'Programmed', status: 'False', reason: 'Invalid', message: 'conflicted' });
+    byPort.set(k, [...(byPort.get(k) ?? []), e]);
+  }
+  const who = (o: ListenerEntry) => `${o.gwKey} listener ${o.spec.name} (${o.protocol}${o.hostname ? ' ' + o.hostname : ''})`;
+  const mark = (e: ListenerEntry, reason: 'ProtocolConflict' | 'HostnameConflict', message: string) => {
+    e.accepted = false;
+    ctx.warn('TG6003', e.gw, e.path, `${message}: the listener is Conflicted, neither accepted nor programmed (${reason})`,
+      reason === 'ProtocolConflict' ? 'put HTTP, HTTPS/TLS and TCP listeners on different ports' : 'give each listener of a port its own hostname');
+    book.set(e.gw, e.scope, { type: 'Conflicted', status: 'True', reason, message });
+    book.set(e.gw, e.scope, { type: 'Accepted', status: 'False', reason, message });
+    book.set(e.gw, e.scope, { type: 'Programmed', status: 'False', reason: 'Invalid', message: 'conflicted' });
+  };
+  for (const list of byPort.values()) {
+    if (list.length < 2) continue;
+    const classes = new Set(list.map((e) => e.cls));
+    if (classes.size > 1 || classes.has('tcp')) {
+      for (const e of list) {
+        const others = list.filter((o) => o !== e).map(who).join(', ');
+        mark(e, 'ProtocolConflict', `port ${e.port} is also claimed by ${others}${classes.has('tcp') && classes.size === 1 ? ' (one TCP listener per port)' : ''}`);
+      }
       continue;
     }
-    seen.push(e);
-    byPort.set(k, seen);
+    for (const e of list) {
+      const same = list.filter((o) => o !== e && (o.hostname ?? '') === (e.hostname ?? ''));
+      if (same.length > 0) mark(e, 'HostnameConflict', `hostname "${e.hostname ?? '(any)'}" on port ${e.port} is also claimed by ${same.map(who).join(', ')}`);
+    }
   }
 }
 
@@ -403,6 +467,14 @@ function detectConflicts(ctx: TranslateContext, book: StatusBook, entries: Liste
 
 function attachRoute(ctx: TranslateContext, book: StatusBook, route: GatewayApiResource, age: number, gateways: GatewayApiResource[], served: Set<string>, byGateway: Map<string, ListenerEntry[]>): void {
   const spec = specOf<RouteSpec>(route);
+  const rules = spec.rules ?? [];
+  if ((route.kind === 'TCPRoute' || route.kind === 'TLSRoute') && rules.length > 1 && ONE_RULE_VERSIONS.has(route.apiVersion)) {
+    // v1 (and TLSRoute v1alpha3) allow one rule: the API server would refuse this object.
+    const message = `${route.apiVersion} ${route.kind} allows one rule, this one has ${rules.length}`;
+    ctx.warn('TG6018', route, 'spec.rules', `${message}: the route is not accepted (UnsupportedValue)`, `merge the backendRefs into one rule, or use apiVersion ${GROUP}/v1alpha2 (its rules all apply, backends split by weight)`);
+    (spec.parentRefs ?? []).forEach((pr) => book.set(route, `parent ${pr.namespace ?? route.metadata.namespace}/${pr.name}${pr.sectionName ? '/' + pr.sectionName : ''}${pr.port ? ':' + pr.port : ''}`, { type: 'Accepted', status: 'False', reason: 'UnsupportedValue', message }));
+    return;
+  }
   const hostnames = route.kind === 'TCPRoute' ? [] : (spec.hostnames ?? []);
   hostnames.forEach((h, i) => {
     const err = checkHostPattern(h.toLowerCase(), { allowStar: false, allowIp: false });
@@ -442,7 +514,7 @@ function attachRoute(ctx: TranslateContext, book: StatusBook, route: GatewayApiR
       if (!nsOk) { reasons.push({ code: 'TG6007', reason: 'NotAllowedByListeners', message: `listener ${e.spec.name} allows routes from ${from === 'Same' ? `namespace "${e.gw.metadata.namespace}" only` : from === 'Selector' ? 'selected namespaces' : 'no namespace'}, not "${rns}"` }); continue; }
       const hosts = route.kind === 'TCPRoute' ? ['*'] : intersectHostnames(e.hostname, hostnames);
       if (hosts.length === 0) { reasons.push({ code: 'TG6008', reason: 'NoMatchingListenerHostname', message: `hostnames ${JSON.stringify(hostnames)} do not intersect listener ${e.spec.name} hostname "${e.hostname}"` }); continue; }
-      e.routes.push({ route, hosts, age });
+      e.routes.push({ route, hosts, age, scope });
       attached++;
     }
     if (attached > 0) {
@@ -458,12 +530,37 @@ function attachRoute(ctx: TranslateContext, book: StatusBook, route: GatewayApiR
 
 // ------------------------------------------------------------------ chains
 
-function virtualHosts(http: HttpRouteBuilder, list: ListenerEntry[]): VirtualHost[] {
+/**
+ * An HTTPRoute and a GRPCRoute on one listener whose hostnames intersect: the spec keeps exactly
+ * one, the older (then namespace/name first); the other loses those hostnames there.
+ */
+function dropMixedKinds(ctx: TranslateContext, book: StatusBook, e: ListenerEntry): Attachment[] {
+  // Attachment ages are per kind: compare the routes' own timestamps.
+  const sorted = [...e.routes].sort((a, b) => byAge(a.route, b.route));
+  const kept: Attachment[] = [];
+  for (const a of sorted) {
+    if (a.route.kind !== 'HTTPRoute' && a.route.kind !== 'GRPCRoute') { kept.push(a); continue; }
+    const rivals = kept.filter((k) => (k.route.kind === 'HTTPRoute' || k.route.kind === 'GRPCRoute') && k.route.kind !== a.route.kind);
+    const overlaps = (h: string) => rivals.find((r) => r.hosts.some((x) => hostSubsetOf(h, x) || hostSubsetOf(x, h)));
+    const hosts = a.hosts.filter((h) => !overlaps(h));
+    if (hosts.length < a.hosts.length) {
+      const lost = a.hosts.filter((h) => overlaps(h));
+      const by = overlaps(lost[0]!)!.route;
+      const message = `listener ${e.spec.name} already routes ${lost.join(', ')} with the older ${by.kind} ${by.metadata.namespace}/${by.metadata.name}`;
+      ctx.warn('TG6016', a.route, 'spec.hostnames', `${message}: an HTTPRoute and a GRPCRoute cannot share a hostname on one listener (UnsupportedValue)`, 'give the GRPCRoute its own hostname or listener');
+      book.set(a.route, a.scope, { type: 'Accepted', status: 'False', reason: 'UnsupportedValue', message });
+    }
+    if (hosts.length > 0) kept.push({ ...a, hosts });
+  }
+  return kept;
+}
+
+function virtualHosts(ctx: TranslateContext, book: StatusBook, http: HttpRouteBuilder, list: ListenerEntry[]): VirtualHost[] {
   const byDomain = new Map<string, RankedRoute[]>();
   for (const e of list) {
-    for (const a of e.routes) {
-      if (a.route.kind !== 'HTTPRoute') continue;
-      const ranked = http.routes(a.route, a.age);
+    for (const a of dropMixedKinds(ctx, book, e)) {
+      if (a.route.kind !== 'HTTPRoute' && a.route.kind !== 'GRPCRoute') continue;
+      const ranked = a.route.kind === 'GRPCRoute' ? http.grpcRoutes(a.route, a.age) : http.routes(a.route, a.age);
       for (const h of a.hosts) {
         const cur = byDomain.get(h) ?? [];
         for (const r of ranked) if (!cur.includes(r)) cur.push(r);
@@ -479,26 +576,34 @@ function virtualHosts(http: HttpRouteBuilder, list: ListenerEntry[]): VirtualHos
   return order.map((d) => ({ name: d, domains: [d], routes: byDomain.get(d)!.sort(compareRank).map((r) => r.route), requireTls: false }));
 }
 
-function httpChain(ctx: TranslateContext, http: HttpRouteBuilder, list: ListenerEntry[]): FilterChain {
+function httpChain(ctx: TranslateContext, book: StatusBook, http: HttpRouteBuilder, list: ListenerEntry[]): FilterChain {
   const first = list[0]!;
   const hcm: HttpConnectionManager = {
     kind: 'http',
-    routeConfig: { name: `http.${first.port}`, virtualHosts: virtualHosts(http, list) },
+    routeConfig: { name: `http.${first.port}`, virtualHosts: virtualHosts(ctx, book, http, list) },
     scheme: 'http', misdirectedDomains: [], forwardClientCertDetails: 'SANITIZE', http2: false,
   };
   return { name: list.map((e) => `${e.gwKey}/${e.spec.name}`).join(','), match: { serverNames: [], applicationProtocols: [] }, filter: hcm, origin: ctx.origin(first.gw, first.path) };
 }
 
+/**
+ * The TCP proxy of a TCPRoute/TLSRoute. Their rules have no matches, so every rule applies to
+ * every connection: with several rules (v1alpha2 allows up to 16) the backends of all of them
+ * share the connections by weight, as if written in one rule.
+ */
 function tcpProxy(ctx: TranslateContext, refs: GatewayApiRefs, route: GatewayApiResource): TcpProxy | undefined {
   const rules = specOf<RouteSpec>(route).rules ?? [];
-  if (rules.length > 1) ctx.warn('TG4001', route, 'spec.rules[1]', `not supported yet: more than one rule in a ${route.kind}; only the first is used`);
   const weighted: WeightedCluster[] = [];
-  (rules[0]?.backendRefs ?? []).forEach((b, k) => {
-    const cluster = refs.backend(route, `spec.rules[0].backendRefs[${k}]`, b, 'tcp');
-    if (cluster) weighted.push({ cluster, weight: b.weight ?? 1 });
-  });
+  rules.forEach((rule, i) => (rule.backendRefs ?? []).forEach((b, k) => {
+    const cluster = refs.backend(route, `spec.rules[${i}].backendRefs[${k}]`, b, 'tcp');
+    if (!cluster) return;
+    const w = weighted.find((x) => x.cluster === cluster);
+    if (w) w.weight += b.weight ?? 1; // the same backend named in two rules: one entry, weights added
+    else weighted.push({ cluster, weight: b.weight ?? 1 });
+  }));
   if (weighted.length === 0 || weighted.every((w) => w.weight === 0)) return undefined;
-  return { kind: 'tcp', name: `${route.metadata.namespace}/${route.metadata.name}#rules[0]`, clusters: weighted, idleTimeoutMs: ctx.options.tcpIdleTimeoutMs, origin: ctx.origin(route, 'spec.rules[0]') };
+  const what = rules.length > 1 ? 'spec.rules' : 'spec.rules[0]';
+  return { kind: 'tcp', name: `${route.metadata.namespace}/${route.metadata.name}#${rules.length > 1 ? 'rules' : 'rules[0]'}`, clusters: weighted, idleTimeoutMs: ctx.options.tcpIdleTimeoutMs, origin: ctx.origin(route, what) };
 }
 
 function tcpChain(ctx: TranslateContext, refs: GatewayApiRefs, e: ListenerEntry): FilterChain | undefined {
@@ -514,7 +619,7 @@ function tcpChain(ctx: TranslateContext, refs: GatewayApiRefs, e: ListenerEntry)
   };
 }
 
-function tlsChains(ctx: TranslateContext, refs: GatewayApiRefs, http: HttpRouteBuilder, list: ListenerEntry[]): FilterChain[] {
+function tlsChains(ctx: TranslateContext, book: StatusBook, refs: GatewayApiRefs, http: HttpRouteBuilder, list: ListenerEntry[]): FilterChain[] {
   const chains: FilterChain[] = [];
   const claimed = new Map<string, string>();
   for (const e of list) {
@@ -522,7 +627,7 @@ function tlsChains(ctx: TranslateContext, refs: GatewayApiRefs, http: HttpRouteB
     if (e.protocol === 'HTTPS') {
       const hcm: HttpConnectionManager = {
         kind: 'http',
-        routeConfig: { name: `https.${e.port}.${e.spec.name}.${e.gw.metadata.name}.${e.gw.metadata.namespace}`, virtualHosts: virtualHosts(http, [e]) },
+        routeConfig: { name: `https.${e.port}.${e.spec.name}.${e.gw.metadata.name}.${e.gw.metadata.namespace}`, virtualHosts: virtualHosts(ctx, book, http, [e]) },
         scheme: 'https', misdirectedDomains: [], forwardClientCertDetails: 'SANITIZE_SET', http2: true,
         ...(ctx.options.identity ? { xfccBy: ctx.options.identity } : {}),
       };
@@ -548,7 +653,7 @@ function tlsChains(ctx: TranslateContext, refs: GatewayApiRefs, http: HttpRouteB
         name: `${a.route.metadata.namespace}/${a.route.metadata.name}@${e.gwKey}/${e.spec.name}`,
         match: { serverNames: mine.includes('*') ? [] : mine, transportProtocol: 'tls', applicationProtocols: [] },
         filter: proxy ?? { kind: 'reject', reason: 'no valid backend' },
-        origin: ctx.origin(a.route, 'spec.rules[0]'),
+        origin: ctx.origin(a.route, (specOf<RouteSpec>(a.route).rules ?? []).length > 1 ? 'spec.rules' : 'spec.rules[0]'),
       });
     }
   }

@@ -21,6 +21,8 @@ export class GatewayApiRefs {
   /** "<ns>/<service>" -> policies targeting it, oldest first. */
   readonly #policies = new Map<string, { policy: GatewayApiResource; index: number; sectionName?: string }[]>();
   readonly #policyTls = new Map<GatewayApiResource, UpstreamTlsContext | null>();
+  /** Clusters whose TLS comes from a valid BackendTLSPolicy -> the routes that send to them. */
+  readonly #policyClusters = new Map<string, Set<GatewayApiResource>>();
 
   constructor(private readonly ctx: TranslateContext, private readonly clusters: ClusterBuilder, private readonly book: StatusBook) {
     const gw = ctx.resources.gatewayApi;
@@ -107,7 +109,7 @@ export class GatewayApiRefs {
    * A backendRef -> cluster name. Failures are reported (TG6005/TG6009) and set the route's
    * ResolvedRefs condition; `undefined` is returned and the caller answers 500 / closes.
    */
-  backend(route: GatewayApiResource, path: string, ref: BackendRef, carries: 'http' | 'tcp'): string | undefined {
+  backend(route: GatewayApiResource, path: string, ref: BackendRef, carries: 'http' | 'tcp', grpc = false): string | undefined {
     const group = groupOf(ref, ''), kind = ref.kind ?? 'Service';
     const ns = ref.namespace ?? route.metadata.namespace;
     const fail = (code: string, reason: string, message: string, hint?: string) => {
@@ -127,7 +129,12 @@ export class GatewayApiRefs {
     if (ref.port === undefined) return fail('TG6009', 'BackendNotFound', `backendRef Service ${ns}/${ref.name} needs a port`);
     const host = `${ref.name}.${ns}.svc.cluster.local`;
     const name = `outbound|${ref.port}||${host}`;
-    if (this.clusters.clusters[name]) return name;
+    const known = this.clusters.clusters[name];
+    if (known) {
+      if (grpc && known.httpProtocol !== 'h2') this.#h1ForGrpc(route, path, host);
+      this.#policyClusters.get(name)?.add(route);
+      return name;
+    }
     const svc = this.#kube.find((k) => k.kind === 'Service' && k.metadata.namespace === ns && k.metadata.name === ref.name);
     const cluster: Cluster = {
       name, serviceHost: host, servicePort: ref.port, discovery: 'STATIC', endpoints: [], lbPolicy: 'LEAST_REQUEST',
@@ -154,10 +161,46 @@ export class GatewayApiRefs {
         else { cluster.discovery = 'DNS'; cluster.endpoints.push({ address: host, port: ref.port, weight: 1, labels: {} }); }
       }
     }
+    // gRPC is HTTP/2 end to end (the backend may also say so with appProtocol h2c/grpc).
+    if (grpc && carries === 'http') cluster.httpProtocol = 'h2';
+    // A DestinationRule for the Service applies as in Istio; for TLS a BackendTLSPolicy wins
+    // (it is the Gateway API's own statement about this backend), and both are named.
+    const fromDr = this.clusters.serviceDestinationRule(cluster, host, ns, carries);
     const tls = this.#policyFor(ns, ref.name, portName, carries, cluster);
-    if (tls) cluster.tls = tls;
+    if (tls) {
+      cluster.tls = tls;
+      if (cluster.endpoints.length > 0) this.#policyClusters.set(name, new Set([route]));
+      if (fromDr?.tls) {
+        const policy = this.#policyName(ns, ref.name, portName);
+        this.ctx.warn('TG6017', fromDr.dr, fromDr.tlsPath, `BackendTLSPolicy ${policy} also sets TLS for Service ${ns}/${ref.name} port ${ref.port}: the policy is used for Gateway API routes and this tls block is not`,
+          'remove one of the two; keep the DestinationRule for connection pool or load balancer settings');
+      }
+    } else if (fromDr && fromDr.tls === null) {
+      // The rule asked for TLS and is invalid (reported): never plaintext, no endpoints (503).
+      cluster.endpoints = [];
+      cluster.discovery = 'STATIC';
+      cluster.tls = { mode: 'SIMPLE', autoSni: false, validationCa: this.ctx.addSecret({ name: 'system', source: { kind: 'system-roots' } }), subjectAltNames: [], autoSanValidation: true, insecureSkipVerify: false, alpn: [], minVersion: 'TLSv1.2', maxVersion: 'TLSv1.3' };
+    } else if (fromDr?.tls) cluster.tls = fromDr.tls;
+    if (grpc && !cluster.tls) this.#h1ForGrpc(route, path, host);
     this.clusters.clusters[name] = cluster;
     return name;
+  }
+
+  /** The clusters a valid BackendTLSPolicy originates TLS to, with the routes sending to each. */
+  policyClusters(): ReadonlyMap<string, ReadonlySet<GatewayApiResource>> {
+    return this.#policyClusters;
+  }
+
+  /** gRPC to a backend tlsgate reaches over plaintext or HTTP/1.1: say why it will fail. */
+  #h1ForGrpc(route: GatewayApiResource, path: string, host: string): void {
+    this.ctx.warn('TG4001', route, path, `not supported yet: gRPC to ${host} without TLS needs HTTP/2 cleartext (h2c), which tlsgate does not originate; requests go out as HTTP/1.1`,
+      'originate TLS to the backend (BackendTLSPolicy, or a DestinationRule with tls) so HTTP/2 is negotiated by ALPN');
+  }
+
+  #policyName(ns: string, svc: string, portName: string | undefined): string {
+    const list = this.#policies.get(`${ns}/${svc}`) ?? [];
+    const hit = list.find((x) => x.sectionName !== undefined && x.sectionName === portName) ?? list.find((x) => x.sectionName === undefined);
+    return hit ? `${hit.policy.metadata.namespace}/${hit.policy.metadata.name}` : '?';
   }
 
   /** EndpointSlices labelled for the Service (else its Endpoints object), ready addresses only. */

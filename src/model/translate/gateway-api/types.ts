@@ -61,6 +61,20 @@ export interface HttpRule {
   backendRefs?: BackendRef[];
   timeouts?: { request?: string; backendRequest?: string };
 }
+export interface GrpcMethodMatch { type?: 'Exact' | 'RegularExpression'; service?: string; method?: string }
+export interface GrpcMatch { method?: GrpcMethodMatch; headers?: ValueMatch[] }
+export interface GrpcRule {
+  name?: string;
+  matches?: GrpcMatch[];
+  filters?: HttpFilter[];
+  backendRefs?: BackendRef[];
+}
+export interface GrpcRouteSpec {
+  parentRefs?: ParentRef[];
+  hostnames?: string[];
+  rules?: GrpcRule[];
+}
+
 export interface RouteSpec {
   parentRefs?: ParentRef[];
   hostnames?: string[];

@@ -1,0 +1,84 @@
+// TCP timeouts in the translated snapshot (issue 3): Envoy's defaults (idle 1 h, connect 10 s)
+// when nothing sets them, and DestinationRule connectionPool.tcp.connectTimeout per cluster.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { parseText } from '../../../src/config/load.js';
+import type { TcpProxy } from '../../../src/model/snapshot.js';
+import { translate } from '../../../src/model/translate/index.js';
+
+const CONFIG = `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}
+  - port: {number: 9443, name: pass, protocol: TLS}
+    hosts: [pass.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 9000}]
+    route: [{destination: {host: db.local, port: {number: 5432}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pass}
+spec:
+  hosts: [pass.example.com]
+  gateways: [gw]
+  tls:
+  - match: [{port: 9443, sniHosts: [pass.example.com]}]
+    route: [{destination: {host: web.local, port: {number: 8443}}}]
+`;
+
+const DR = `---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 250ms}
+`;
+
+function tr(yaml: string, opts: Parameters<typeof translate>[1] = {}) {
+  const parsed = parseText(yaml, 'test.yaml');
+  const r = translate(parsed.resources, opts);
+  assert.deepEqual([...parsed.diagnostics, ...r.diagnostics].filter((d) => d.severity === 'error'), []);
+  const proxies = r.snapshot.listeners.flatMap((l) => l.filterChains).map((c) => c.filter).filter((f): f is TcpProxy => f.kind === 'tcp');
+  return { snapshot: r.snapshot, proxies };
+}
+
+test('defaults: TCP and passthrough proxies idle out after 1 h, clusters connect within 10 s', () => {
+  const { snapshot, proxies } = tr(CONFIG);
+  assert.equal(proxies.length, 2, 'one TCP proxy per route (TCP and passthrough)');
+  for (const p of proxies) assert.equal(p.idleTimeoutMs, 3_600_000, p.name);
+  const clusters = Object.values(snapshot.clusters);
+  assert.deepEqual(clusters.map((c) => c.serviceHost).sort(), ['db.local', 'web.local']);
+  for (const c of clusters) assert.equal(c.connectTimeoutMs, 10_000, c.name);
+});
+
+test('DestinationRule connectionPool.tcp.connectTimeout sets the connect timeout of its host only', () => {
+  const { snapshot } = tr(CONFIG + DR);
+  const by = Object.fromEntries(Object.values(snapshot.clusters).map((c) => [c.serviceHost, c.connectTimeoutMs]));
+  assert.deepEqual(by, { 'db.local': 250, 'web.local': 10_000 });
+});
+
+test('the translate option tcpIdleTimeoutMs reaches every TCP proxy', () => {
+  const { proxies } = tr(CONFIG, { tcpIdleTimeoutMs: 1_000 });
+  assert.deepEqual(proxies.map((p) => p.idleTimeoutMs), [1_000, 1_000]);
+});
+
+test('DestinationRule connectionPool.tcp.idleTimeout sets the TCP idle timeout of its host; 0s disables it', () => {
+  const withIdle = (v: string) => CONFIG + DR.replace('connectTimeout: 250ms', `connectTimeout: 250ms, idleTimeout: ${v}`);
+  const idleOf = (cfg: string) => Object.fromEntries(Object.values(tr(cfg).snapshot.clusters).map((c) => [c.serviceHost, c.limits.tcpIdleTimeoutMs]));
+  assert.deepEqual(idleOf(withIdle('90s')), { 'db.local': 90_000, 'web.local': undefined });
+  assert.deepEqual(idleOf(withIdle('0s')), { 'db.local': 0, 'web.local': undefined });
+});
