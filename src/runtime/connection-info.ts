@@ -5,11 +5,12 @@
  * a symbol property is reachable from `req.socket` for both HTTP/1.1 and HTTP/2, where a WeakMap
  * keyed by the socket would not be.
  */
-import type { X509Certificate } from 'node:crypto';
+import { randomBytes, type X509Certificate } from 'node:crypto';
 
 export const CONNECTION_INFO = Symbol.for('tlsgate.connectionInfo');
 
 export interface ConnectionInfo {
+  /** Unique per connection (see newConnectionId). */
   id: string;
   startMs: number;
   downstreamRemoteAddress: string;
@@ -41,4 +42,17 @@ export function getConnectionInfo(socket: unknown): ConnectionInfo | undefined {
 
 export function setConnectionInfo(socket: object, info: ConnectionInfo): void {
   (socket as Record<symbol, ConnectionInfo>)[CONNECTION_INFO] = info;
+}
+
+/** Random per process, so ids from several workers or restarts do not collide. */
+const ID_PREFIX = `${randomBytes(6).toString('hex')}-`;
+let idSeq = 0;
+
+/**
+ * A connection id unique within this process run and, through the random prefix, across
+ * processes: a counter rather than a UUID, because it is made for every accepted connection.
+ */
+export function newConnectionId(): string {
+  idSeq++;
+  return ID_PREFIX + idSeq.toString(36);
 }

@@ -58,6 +58,20 @@ export interface Telemetry {
   gauge(name: string, delta: number, labels?: Record<string, string>): void;
   /** Operational log (warnings, errors); never secrets. */
   log(level: 'debug' | 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
+  /**
+   * Optional: an incrementer for one counter and label set, for callers that count the same
+   * series on every request and keep the function (no label object or lookup per increment).
+   * Equivalent to `(by) => count(name, labels, by)`.
+   */
+  counter?(name: string, labels?: Record<string, string>): (by?: number) => void;
+  /** Optional: whether access-log entries go anywhere (a file, stdout, the recent-requests ring or a subscriber). */
+  readonly accessLogEnabled?: boolean;
+}
+
+/** `telemetry.counter` when it has one, else a function over `count` with the same effect. */
+export function counterOf(t: Telemetry, name: string, labels?: Record<string, string>): (by?: number) => void {
+  if (t.counter !== undefined) return t.counter(name, labels);
+  return (by = 1) => t.count(name, labels, by);
 }
 
 /** A Telemetry that drops everything (unit tests of pure parts). */

@@ -54,23 +54,58 @@ export async function fileDigest(file: string): Promise<string> {
 }
 
 /**
- * A hash over the content of every config file under the paths (plus extra files, e.g.
- * certificates). When `digests` is given, it receives each extra file's fileDigest.
+ * Digests remembered by file identity (inode, size, mtime and ctime in ns, symlinks followed), so a
+ * poll of unchanged files costs a stat each instead of a read and a SHA-256. Any write changes
+ * mtime/ctime, and a `..data` symlink swap or rename-over changes the inode.
  */
-export async function contentHash(paths: readonly string[], extraFiles: readonly string[] = [], digests?: Map<string, string>): Promise<string> {
+export class DigestCache {
+  readonly #byFile = new Map<string, { stamp: string; digest: string }>();
+
+  async digest(file: string): Promise<string> {
+    let stamp: string;
+    try {
+      const st = await fsp.stat(file, { bigint: true });
+      stamp = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+    } catch (e) {
+      this.#byFile.delete(file);
+      return `<${(e as { code?: string }).code ?? 'error'}>`;
+    }
+    const hit = this.#byFile.get(file);
+    if (hit && hit.stamp === stamp) return hit.digest;
+    const digest = await fileDigest(file);
+    this.#byFile.set(file, { stamp, digest });
+    return digest;
+  }
+
+  /** Forget everything (the next digest of each file reads it again). */
+  clear(): void {
+    this.#byFile.clear();
+  }
+}
+
+/**
+ * A hash over the content of every config file under the paths (plus extra files, e.g.
+ * certificates). When `digests` is given, it receives each extra file's fileDigest; with `cache`,
+ * files whose identity did not change are not read again.
+ */
+export async function contentHash(paths: readonly string[], extraFiles: readonly string[] = [], digests?: Map<string, string>, cache?: DigestCache): Promise<string> {
   const files: string[] = [];
   const seen = new Set<string>();
   for (const p of paths) await listFiles(p, files, seen);
   const h = createHash('sha256');
   const add = (f: string, d: string) => h.update(f).update('\0').update(d).update('\0');
-  for (const f of files) add(f, await fileDigest(f));
+  const digestOf = (f: string) => (cache ? cache.digest(f) : fileDigest(f));
+  for (const f of files) add(f, await digestOf(f));
   for (const f of extraFiles) {
-    const d = await fileDigest(f);
+    const d = await digestOf(f);
     digests?.set(f, d);
     add(f, d);
   }
   return h.digest('hex');
 }
+
+/** Every this many polls the cache is dropped and every file is read (a backstop for odd filesystems). */
+const FULL_READ_EVERY = 60;
 
 export class FileSource {
   readonly #paths: string[];
@@ -84,6 +119,8 @@ export class FileSource {
   #checking = false;
   #again = false;
   #closed = false;
+  readonly #cache = new DigestCache();
+  #polls = 0;
 
   constructor(paths: string[], private readonly onChange: () => void, private readonly opts: FileSourceOptions = {}) {
     this.#paths = paths.map((p) => path.resolve(p));
@@ -108,10 +145,13 @@ export class FileSource {
 
   async start(): Promise<void> {
     const digests = new Map<string, string>();
-    this.#last = await contentHash(this.#paths, this.#extra, digests);
+    this.#last = await contentHash(this.#paths, this.#extra, digests, this.#cache);
     this.#digests = digests;
     this.#rewatch();
-    this.#timer = setInterval(() => this.#check(), this.opts.pollMs ?? 500);
+    this.#timer = setInterval(() => {
+      if (++this.#polls % FULL_READ_EVERY === 0) this.#cache.clear();
+      void this.#check();
+    }, this.opts.pollMs ?? 500);
     this.#timer.unref();
   }
 
@@ -136,8 +176,13 @@ export class FileSource {
         this.#watchers.push(w);
       } catch { /* missing path: the poll notices when it appears */ }
       try {
+        // The parent sees the watched path itself being created, removed or replaced; other
+        // names there (the parent may be /tmp) are none of our business.
         const parent = path.dirname(d);
-        const w = watch(parent, { persistent: false }, () => this.#kick());
+        const name = path.basename(d);
+        const w = watch(parent, { persistent: false }, (_event, changed) => {
+          if (changed === null || changed === name) this.#kick();
+        });
         w.on('error', () => {});
         this.#watchers.push(w);
       } catch { /* ignore */ }
@@ -156,14 +201,14 @@ export class FileSource {
     this.#checking = true;
     try {
       let digests = new Map<string, string>();
-      let h = await contentHash(this.#paths, this.#extra, digests);
+      let h = await contentHash(this.#paths, this.#extra, digests, this.#cache);
       // A writer that truncates then writes (shell redirection, writeFile) shows an empty or
       // partial file for a moment: fire only once the content has held still for a short
       // while, so a half-written file is never applied.
       for (let i = 0; h !== this.#last && i < 20; i++) {
         await new Promise((r) => setTimeout(r, this.opts.settleMs ?? 40));
         const next = new Map<string, string>();
-        const again = await contentHash(this.#paths, this.#extra, next);
+        const again = await contentHash(this.#paths, this.#extra, next, this.#cache);
         digests = next;
         if (again === h) break;
         h = again;

@@ -217,10 +217,8 @@ describe('Gateway API backends', () => {
     assert.equal(grpcUp.seen.length, before, 'the upstream saw nothing');
   });
 
-  // The runtime gets upstream HTTP/2 trailers from undici through its new handler API, whose
-  // adapter parses h2 trailers (an object) as a raw header list and hands over {}: grpc-status
-  // never reaches the client. A runtime change (see the report), not a translation one.
-  it('GRPCRoute: the upstream grpc-status trailer reaches the client', { todo: 'src/runtime drops HTTP/2 upstream trailers' }, async () => {
+  // gRPC's status travels in HTTP/2 trailers: they must cross the proxy.
+  it('GRPCRoute: the upstream grpc-status trailer reaches the client', async () => {
     const r = await grpcCall('/echo.Echo/Say');
     assert.equal(r.status, 200);
     assert.equal(r.trailers['grpc-status'], '0');

@@ -21,7 +21,7 @@
  * happens; nothing here throws into the server.
  */
 import { randomUUID, type X509Certificate } from 'node:crypto';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, OutgoingHttpHeader, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import type {
@@ -34,8 +34,8 @@ import type {
   WeightedCluster,
 } from '../../model/snapshot.js';
 import { getConnectionInfo, type ConnectionInfo } from '../connection-info.js';
-import type { AccessLogEntry, Reason, Telemetry } from '../telemetry.js';
-import { UpstreamError, type ClusterManager, type UpstreamControl, type UpstreamHandler } from '../upstream/cluster-manager.js';
+import { counterOf, type AccessLogEntry, type Reason, type Telemetry } from '../telemetry.js';
+import { UpstreamError, rawHeadersToObject, rawName, rawValue, type ClusterManager, type RawHeaders, type UpstreamControl, type UpstreamHandler } from '../upstream/cluster-manager.js';
 import { pickWeighted } from '../upstream/load-balancer.js';
 import { hostPort, isMisdirected, matchRoute, normalizeHost, selectVirtualHost, type RouteRequest } from './route-match.js';
 import { buildXfcc, subjectAltNames, subjectRfc2253 } from './xfcc.js';
@@ -172,6 +172,69 @@ function applyMutation(h: HeaderBag, m: HeaderMutation | undefined): void {
   }
 }
 
+/** Header list (name, value, name, value…; names lower-case) for writeHead. */
+type HeaderList = (string | string[])[];
+
+/** A header list as an object; repeated names become arrays. */
+function listToObject(h: HeaderList): HeaderBag {
+  const o: HeaderBag = Object.create(null) as HeaderBag;
+  for (let i = 0; i < h.length; i += 2) {
+    const name = h[i] as string;
+    const v = h[i + 1]!;
+    const cur = o[name];
+    if (cur === undefined) o[name] = v;
+    else o[name] = ([] as string[]).concat(cur, v);
+  }
+  return o;
+}
+
+/** Whether a header list has a field of this (lower-case) name. */
+function hasName(h: HeaderList, name: string): boolean {
+  for (let i = 0; i < h.length; i += 2) if (h[i] === name) return true;
+  return false;
+}
+
+/** The last value of a field in a header list (as a string). */
+function lastValue(h: HeaderList, name: string): string | undefined {
+  for (let i = h.length - 2; i >= 0; i -= 2) {
+    if (h[i] === name) {
+      const v = h[i + 1]!;
+      return Array.isArray(v) ? v[v.length - 1] : v;
+    }
+  }
+  return undefined;
+}
+
+/** applyMutation for a header list: remove, then set (replaces), then add (appends). */
+function applyListMutation(h: HeaderList, m: HeaderMutation | undefined): HeaderList {
+  if (m === undefined) return h;
+  let out = h;
+  const drop = new Set<string>();
+  for (const name of m.remove) drop.add(name.toLowerCase());
+  for (const [name] of m.set) drop.add(name.toLowerCase());
+  if (drop.size > 0) {
+    out = [];
+    for (let i = 0; i < h.length; i += 2) if (!drop.has(h[i] as string)) out.push(h[i]!, h[i + 1]!);
+  }
+  for (const [name, value] of m.set) out.push(name.toLowerCase(), value);
+  for (const [name, value] of m.add) out.push(name.toLowerCase(), value);
+  return out;
+}
+
+/** ISO-8601 time of a Date.now() value; the text up to the second is computed once per second. */
+let isoSecond = -1;
+let isoPrefix = '';
+export function isoTime(ms: number): string {
+  if (ms < 0 || !Number.isInteger(ms)) return new Date(ms).toISOString();
+  const sec = Math.floor(ms / 1000);
+  if (sec !== isoSecond) {
+    isoSecond = sec;
+    isoPrefix = new Date(sec * 1000).toISOString().slice(0, 20); // "2026-11-29T11:30:00."
+  }
+  const r = ms - sec * 1000;
+  return `${isoPrefix}${r < 10 ? '00' : r < 100 ? '0' : ''}${r}Z`;
+}
+
 /** XFCC and log facts per client certificate, computed once per certificate (not per request). */
 interface PeerFacts {
   subject: string;
@@ -200,8 +263,10 @@ function xfccFor(cert: X509Certificate, by: string | undefined, includeCert: boo
   return v;
 }
 
+const CODE_CLASSES = ['0xx', '1xx', '2xx', '3xx', '4xx', '5xx'] as const;
+
 function codeClass(status: number): string {
-  return status >= 100 && status < 600 ? `${Math.floor(status / 100)}xx` : '0xx';
+  return status >= 100 && status < 600 ? CODE_CLASSES[Math.floor(status / 100)]! : '0xx';
 }
 
 const noop = (): void => undefined;
@@ -282,10 +347,34 @@ export function splitAbsoluteForm(target: string): { authority: string; path: st
 
 // ------------------------------------------------------------------ the handler
 
+/** The counters one request adds to, kept per listener and route (no label objects per request). */
+interface RouteCounters {
+  byClass: Map<string, (by?: number) => void>;
+  received: (by?: number) => void;
+  sent: (by?: number) => void;
+}
+
 interface HandlerContext {
   hcm: HttpConnectionManager;
   env: HttpHandlerEnv;
   random: () => number;
+  counters: Map<string, Map<Route | undefined, RouteCounters>>;
+}
+
+function routeCounters(ctx: HandlerContext, listener: string, route: Route | undefined): RouteCounters {
+  let byRoute = ctx.counters.get(listener);
+  if (byRoute === undefined) ctx.counters.set(listener, (byRoute = new Map()));
+  let c = byRoute.get(route);
+  if (c === undefined) {
+    const t = ctx.env.telemetry;
+    c = {
+      byClass: new Map(),
+      received: counterOf(t, 'downstream_bytes_total', { listener, direction: 'received' }),
+      sent: counterOf(t, 'downstream_bytes_total', { listener, direction: 'sent' }),
+    };
+    byRoute.set(route, c);
+  }
+  return c;
 }
 
 /**
@@ -293,7 +382,7 @@ interface HandlerContext {
  * @example http.createServer(createHttpHandler(hcm, { clusters, telemetry, listenerPort: 8080 }))
  */
 export function createHttpHandler(hcm: HttpConnectionManager, env: HttpHandlerEnv): (req: DownstreamRequest, res: DownstreamResponse) => void {
-  const ctx: HandlerContext = { hcm, env, random: env.random ?? Math.random };
+  const ctx: HandlerContext = { hcm, env, random: env.random ?? Math.random, counters: new Map() };
   return (req, res) => {
     const ex = new HttpExchange(ctx, req, res);
     try {
@@ -329,7 +418,7 @@ class HttpExchange implements UpstreamHandler {
   #logged = false;
   #responded = false;
   // proxying state
-  #upHeaders: HeaderBag | undefined;
+  #upHeaders: HeaderList | undefined;
   #upPath = '';
   #body: Readable | Buffer | null = null;
   #counter: ByteCounter | undefined;
@@ -339,6 +428,10 @@ class HttpExchange implements UpstreamHandler {
   #routeTimer: NodeJS.Timeout | undefined;
   #tryTimer: NodeJS.Timeout | undefined;
   #waitingDrain = false;
+  /** The upstream response's content-length (-1 when not given). */
+  #upContentLength = -1;
+  /** A complete body held back to go out with end(). */
+  #lastChunk: Buffer | undefined;
 
   constructor(ctx: HandlerContext, req: DownstreamRequest, res: DownstreamResponse) {
     this.#ctx = ctx;
@@ -473,37 +566,50 @@ class HttpExchange implements UpstreamHandler {
     this.#upPath = rewrittenPath(a, this.#match, path, rt.rewriteRegex);
 
     // Upstream headers, copied once.
+    // The list form (name, value, …) that undici takes as is: no object of its own to build and
+    // enumerate. Values come from req.headers, so repeated fields are combined as Node does.
     const src = req.headers;
-    const out: HeaderBag = Object.create(null) as HeaderBag;
+    let out: HeaderList = [];
     const conn = src.connection;
-    const listed = typeof conn === 'string' && conn !== '' ? conn.toLowerCase().split(',').map((s) => s.trim()) : undefined;
-    for (const name in src) {
+    const listed = typeof conn === 'string' && conn !== '' && conn !== 'keep-alive'
+      ? conn.toLowerCase().split(',').map((s) => s.trim()) : undefined;
+    // HTTP/2 header objects have no prototype (dictionary mode), where enumerating keys costs more
+    // than walking the raw list (lower-case names in HTTP/2) and looking each name up.
+    const names: readonly string[] = this.#isH2 ? req.rawHeaders : Object.keys(src);
+    const step = this.#isH2 ? 2 : 1;
+    for (let i = 0; i < names.length; i += step) {
+      const name = names[i]!;
       const v = src[name];
       if (v === undefined) continue;
       if (name.charCodeAt(0) === 58 /* : */ || HOP_BY_HOP.has(name)) {
-        if (name === 'te' && typeof v === 'string' && v.toLowerCase().includes('trailers')) out.te = 'trailers';
+        if (name === 'te' && typeof v === 'string' && v.toLowerCase().includes('trailers') && !hasName(out, 'te')) out.push('te', 'trailers');
         continue;
       }
-      if (name.charCodeAt(0) === 120 /* x */ && name.startsWith('x-envoy-')) continue;
+      // x-envoy-* is never trusted from a client; x-forwarded-for/-proto are set below.
+      if (name.charCodeAt(0) === 120 /* x */ && (name.startsWith('x-envoy-') || name === 'x-forwarded-for' || name === 'x-forwarded-proto')) continue;
       if (listed !== undefined && listed.includes(name)) continue;
-      out[name] = v;
+      // A name repeated in the raw list (HTTP/2) is already in, with its combined value.
+      if (step === 2 && hasName(out, name)) continue;
+      out.push(name, v);
     }
     const remote = this.#downstreamAddress();
-    out.host = a.rewriteAuthority ?? this.#authority;
     const xff = src['x-forwarded-for'];
-    out['x-forwarded-for'] = xff === undefined || xff === '' ? remote : `${Array.isArray(xff) ? xff.join(', ') : xff}, ${remote}`;
-    out['x-forwarded-proto'] = hcm.scheme;
-    out['x-envoy-external-address'] = remote;
-    out['x-request-id'] = this.#requestId;
-    if (this.#upPath !== path) out['x-envoy-original-path'] = path;
+    out.push(
+      'host', a.rewriteAuthority ?? this.#authority,
+      'x-forwarded-for', xff === undefined || xff === '' ? remote : `${Array.isArray(xff) ? xff.join(', ') : xff}, ${remote}`,
+      'x-forwarded-proto', hcm.scheme,
+      'x-envoy-external-address', remote,
+      'x-request-id', this.#requestId,
+    );
+    if (this.#upPath !== path) out.push('x-envoy-original-path', path);
     this.#setXfcc(out, src['x-forwarded-client-cert']);
-    applyMutation(out, dest.requestHeaders);
-    applyMutation(out, route.requestHeaders);
+    out = applyListMutation(out, dest.requestHeaders);
+    out = applyListMutation(out, route.requestHeaders);
     this.#upHeaders = out;
 
     // Timeouts cover every attempt (Envoy's route timeout).
     if (a.timeoutMs !== undefined && a.timeoutMs > 0) {
-      this.#routeTimer = setTimeout(this.#onRouteTimeout, a.timeoutMs);
+      this.#routeTimer = setTimeout(() => this.#onRouteTimeout(), a.timeoutMs);
       this.#routeTimer.unref();
     }
 
@@ -534,18 +640,18 @@ class HttpExchange implements UpstreamHandler {
     }
   }
 
-  #setXfcc(out: HeaderBag, clientValue: string | string[] | undefined): void {
+  #setXfcc(out: HeaderList, clientValue: string | string[] | undefined): void {
     const mode = this.#ctx.hcm.forwardClientCertDetails;
     if (mode === 'SANITIZE') return;
     const cert = this.#info?.peerCertificate;
     if (cert === undefined) return; // never trust XFCC on a connection without a client certificate
     const by = this.#ctx.hcm.xfccBy ?? this.#info?.localIdentity;
     if (mode === 'SANITIZE_SET') {
-      out['x-forwarded-client-cert'] = xfccFor(cert, by, true);
+      out.push('x-forwarded-client-cert', xfccFor(cert, by, true));
     } else {
       const ours = xfccFor(cert, by, false);
       const prev = Array.isArray(clientValue) ? clientValue.join(',') : clientValue;
-      out['x-forwarded-client-cert'] = prev === undefined || prev === '' ? ours : `${prev},${ours}`;
+      out.push('x-forwarded-client-cert', prev === undefined || prev === '' ? ours : `${prev},${ours}`);
     }
   }
 
@@ -578,7 +684,7 @@ class HttpExchange implements UpstreamHandler {
     const dest = this.#dest!;
     if (this.#retry?.perTryTimeoutMs !== undefined) {
       clearTimeout(this.#tryTimer);
-      this.#tryTimer = setTimeout(this.#onTryTimeout, this.#retry.perTryTimeoutMs);
+      this.#tryTimer = setTimeout(() => this.#onTryTimeout(), this.#retry.perTryTimeoutMs);
       this.#tryTimer.unref();
     }
     this.#ctl = this.#ctx.env.clusters.dispatch(dest.cluster, {
@@ -586,7 +692,7 @@ class HttpExchange implements UpstreamHandler {
       path: this.#upPath,
       headers: this.#upHeaders!,
       body: this.#body,
-      host: this.#upHeaders!.host as string,
+      host: lastValue(this.#upHeaders!, 'host') ?? this.#authority,
     }, this);
   }
 
@@ -606,7 +712,7 @@ class HttpExchange implements UpstreamHandler {
 
   // UpstreamHandler -------------------------------------------------
 
-  onHeaders(ctl: UpstreamControl, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
+  onHeaders(ctl: UpstreamControl, statusCode: number, rawHeaders: RawHeaders): void {
     if (this.#logged || ctl !== this.#ctl) {
       ctl.abort();
       return;
@@ -619,18 +725,25 @@ class HttpExchange implements UpstreamHandler {
       return;
     }
     clearTimeout(this.#tryTimer);
-    const out: HeaderBag = Object.create(null) as HeaderBag;
-    for (const name in headers) {
-      const v = headers[name];
-      if (v === undefined || RESPONSE_DROP.has(name)) continue;
-      out[name] = v;
+    // Copied once, straight from undici's raw list into the list form writeHead takes; repeated
+    // fields (set-cookie) stay separate lines.
+    let out: HeaderList = [];
+    for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+      const name = rawName(rawHeaders[i]!);
+      if (RESPONSE_DROP.has(name)) continue;
+      const value = rawValue(rawHeaders[i + 1]!);
+      if (name === 'content-length' && typeof value === 'string') this.#upContentLength = Number(value);
+      out.push(name, value);
     }
-    applyMutation(out, this.#dest?.responseHeaders);
-    applyMutation(out, this.#route?.responseHeaders);
+    out = applyListMutation(out, this.#dest?.responseHeaders);
+    out = applyListMutation(out, this.#route?.responseHeaders);
     this.#status = statusCode;
     this.#responded = true;
     try {
-      this.#res.writeHead(statusCode, out);
+      // HTTP/1.1 takes the list as is. The HTTP/2 compat API takes a list too, but then first
+      // removes every listed name from its (empty) header map: an object is its fast path.
+      if (this.#isH2) (this.#res as Http2ServerResponse).writeHead(statusCode, listToObject(out));
+      else (this.#res as ServerResponse).writeHead(statusCode, out as OutgoingHttpHeader[]);
     } catch (err) {
       this.#log('warn', 'upstream response headers rejected', err);
       this.#reason = 'upstream_reset';
@@ -642,27 +755,36 @@ class HttpExchange implements UpstreamHandler {
 
   onData(ctl: UpstreamControl, chunk: Buffer): void {
     if (this.#discarding || this.#logged) return;
+    if (this.#bytesSent === 0 && chunk.length === this.#upContentLength) {
+      // The whole declared body in one chunk: the end follows in the same parser pass, and
+      // end(body) is one downstream write call instead of write(body) and end().
+      this.#bytesSent = chunk.length;
+      this.#lastChunk = chunk;
+      return;
+    }
     this.#bytesSent += chunk.length;
     // Both response kinds take (chunk) and return false when the peer is slow.
     if (!(this.#res as ServerResponse).write(chunk) && !this.#waitingDrain) {
       this.#waitingDrain = true;
       ctl.pause();
-      this.#res.once('drain', this.#onDrain);
+      this.#res.once('drain', () => this.#onDrain());
     }
   }
 
-  onEnd(ctl: UpstreamControl, trailers: Record<string, string | string[] | undefined>): void {
+  onEnd(ctl: UpstreamControl, rawTrailers: RawHeaders): void {
     if (this.#logged || ctl !== this.#ctl) return;
     if (this.#discarding) {
       this.#scheduleRetry();
       return;
     }
-    if (this.#isH2) {
-      let has = false;
-      for (const _ in trailers) { has = true; break; }
-      if (has) (this.#res as Http2ServerResponse).addTrailers(trailers as Record<string, string>);
+    if (this.#isH2 && rawTrailers.length > 0) {
+      (this.#res as Http2ServerResponse).addTrailers(rawHeadersToObject(rawTrailers) as Record<string, string>);
     }
-    this.#res.end();
+    const last = this.#lastChunk;
+    if (last !== undefined) {
+      this.#lastChunk = undefined;
+      (this.#res as ServerResponse).end(last);
+    } else this.#res.end();
     this.#reason = 'ok';
     this.#finish();
   }
@@ -694,14 +816,14 @@ class HttpExchange implements UpstreamHandler {
     this.#local(err.status, err.reason, `${err.reason.replace(/_/g, ' ')}\n`);
   }
 
-  // ---------------------------------------------------------------- events (bound once per request)
+  // ---------------------------------------------------------------- events (closures made only when needed)
 
-  #onDrain = (): void => {
+  #onDrain(): void {
     this.#waitingDrain = false;
     this.#ctl?.resume();
-  };
+  }
 
-  #onRouteTimeout = (): void => {
+  #onRouteTimeout(): void {
     if (this.#logged) return;
     this.#abortUpstream(new UpstreamError('upstream_timeout', 'route timeout', { cluster: this.#dest?.cluster ?? '', code: 'ROUTE_TIMEOUT' }));
     if (this.#responded) {
@@ -709,9 +831,9 @@ class HttpExchange implements UpstreamHandler {
       this.#destroyDownstream();
       this.#finish();
     } else this.#local(504, 'upstream_timeout', 'upstream request timeout\n');
-  };
+  }
 
-  #onTryTimeout = (): void => {
+  #onTryTimeout(): void {
     if (this.#logged || this.#responded) return;
     const err = new UpstreamError('upstream_timeout', 'per-try timeout', { cluster: this.#dest?.cluster ?? '', code: 'PER_TRY_TIMEOUT' });
     const ctl = this.#ctl;
@@ -719,7 +841,7 @@ class HttpExchange implements UpstreamHandler {
     this.#abortUpstream(err);
     this.#discarding = false;
     this.#upstreamFailed(ctl?.endpoint, err);
-  };
+  }
 
   #onResClose = (): void => {
     if (this.#logged) return;
@@ -771,8 +893,25 @@ class HttpExchange implements UpstreamHandler {
     const facts = peer !== undefined ? factsOf(peer) : undefined;
     const req = this.#req;
     if (this.#counter !== undefined) this.#bytesReceived = this.#counter.bytes;
+    const telemetry = env.telemetry;
+    const listener = info?.listener ?? String(env.listenerPort);
+    try {
+      const counters = routeCounters(this.#ctx, listener, this.#route);
+      const cls = codeClass(this.#status);
+      let byClass = counters.byClass.get(cls);
+      if (byClass === undefined) {
+        byClass = counterOf(telemetry, 'requests_total', { listener, route: this.#route?.name ?? '', code_class: cls });
+        counters.byClass.set(cls, byClass);
+      }
+      byClass(1);
+      if (this.#bytesReceived > 0) counters.received(this.#bytesReceived);
+      if (this.#bytesSent > 0) counters.sent(this.#bytesSent);
+    } catch {
+      // Telemetry must never break a request.
+    }
+    if (telemetry.accessLogEnabled === false) return;
     const entry: AccessLogEntry = {
-      time: new Date(this.#startMs).toISOString(),
+      time: isoTime(this.#startMs),
       downstreamAddress: this.#downstreamAddress(),
       sni: info?.sni,
       tlsVersion: info?.tlsVersion,
@@ -787,7 +926,7 @@ class HttpExchange implements UpstreamHandler {
       bytesReceived: this.#bytesReceived,
       bytesSent: this.#bytesSent,
       durationMs: Math.round((performance.now() - this.#startHr) * 1000) / 1000,
-      listener: info?.listener ?? String(env.listenerPort),
+      listener,
       chain: info?.chain,
       route: this.#route?.name,
       upstreamCluster: this.#dest?.cluster,
@@ -798,15 +937,7 @@ class HttpExchange implements UpstreamHandler {
       requestId: this.#requestId,
     };
     try {
-      env.telemetry.accessLog(entry);
-      env.telemetry.count('requests_total', {
-        listener: info?.listener ?? String(env.listenerPort),
-        route: this.#route?.name ?? '',
-        code_class: codeClass(this.#status),
-      });
-      const listener = info?.listener ?? String(env.listenerPort);
-      if (this.#bytesReceived > 0) env.telemetry.count('downstream_bytes_total', { listener, direction: 'received' }, this.#bytesReceived);
-      if (this.#bytesSent > 0) env.telemetry.count('downstream_bytes_total', { listener, direction: 'sent' }, this.#bytesSent);
+      telemetry.accessLog(entry);
     } catch {
       // Telemetry must never break a request.
     }

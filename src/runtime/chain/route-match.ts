@@ -204,6 +204,8 @@ function lookupDomain(d: CompiledDomains, host: string): VirtualHost | undefined
  */
 export function selectVirtualHost(rc: RouteConfiguration, host: string): VirtualHost | undefined {
   const d = compiledConfigs.get(rc) ?? compileConfig(rc);
+  // Only `*` (a common gateway config): the host need not be normalised to be looked up.
+  if (d.exact.size === 0 && d.wildcard.size === 0) return d.star;
   return lookupDomain(d, normalizeHost(host));
 }
 

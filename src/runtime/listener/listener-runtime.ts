@@ -6,11 +6,10 @@
  */
 import * as net from 'node:net';
 import * as tls from 'node:tls';
-import { randomUUID } from 'node:crypto';
 import type { FilterChain, Listener } from '../../model/snapshot.js';
-import { setConnectionInfo, type ConnectionInfo } from '../connection-info.js';
+import { newConnectionId, setConnectionInfo, type ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
-import { readClientHello } from './client-hello.js';
+import { readClientHello, type ClientHelloResult } from './client-hello.js';
 import { readProxyHeader, trustedMatcher } from './proxy-protocol.js';
 import { tlsAlert, ALERT_UNRECOGNIZED_NAME, ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR } from './tls-alert.js';
 import { selectFilterChain } from './chain-select.js';
@@ -61,11 +60,86 @@ export interface ListenerState {
 /** Compiled PROXY-protocol trust checks, per listener config. */
 const trustedByListener = new WeakMap<Listener, (addr?: string) => boolean>();
 
+type Labels = Readonly<Record<string, string>>;
+
+/**
+ * Counter label sets of one listener config, built once: the per-connection counters then pass
+ * the same objects every time instead of allocating a label object per call (read-only: shared).
+ */
+interface ListenerLabels {
+  listener: Labels;
+  handshakeOk: Labels;
+  /** filter_chain_connections_total, by chain, then by transport. */
+  chains: Map<FilterChain, { tls: Labels; raw_buffer: Labels }>;
+}
+
+const labelsByListener = new WeakMap<Listener, ListenerLabels>();
+
+function labelsOf(config: Listener): ListenerLabels {
+  let l = labelsByListener.get(config);
+  if (l === undefined) {
+    const listener = config.name;
+    l = {
+      listener: { listener },
+      handshakeOk: { listener, result: 'success', reason: 'ok' },
+      chains: new Map(),
+    };
+    labelsByListener.set(config, l);
+  }
+  return l;
+}
+
+function chainLabels(config: Listener, chain: FilterChain, transport: 'tls' | 'raw_buffer'): Labels {
+  const all = labelsOf(config).chains;
+  let c = all.get(chain);
+  if (c === undefined) {
+    const base = { listener: config.name, chain: chain.name };
+    c = { tls: { ...base, transport: 'tls' }, raw_buffer: { ...base, transport: 'raw_buffer' } };
+    all.set(chain, c);
+  }
+  return c[transport];
+}
+
+/**
+ * TLSSocket options of a terminating chain, built once per (chain, secure context): TLSSocket
+ * copies its options, so one object serves every connection. ALPN goes in already encoded (the
+ * wire format), which Node takes as it is instead of re-encoding the list per connection.
+ */
+const socketOptionsByChain = new WeakMap<FilterChain, { ctx: SecureContext; opts: tls.TLSSocketOptions }>();
+
+function socketOptionsFor(chain: FilterChain, ctx: SecureContext): tls.TLSSocketOptions {
+  const hit = socketOptionsByChain.get(chain);
+  if (hit !== undefined && hit.ctx === ctx) return hit.opts;
+  const opts = serverSocketOptions(chain.tls!, ctx);
+  const alpn = opts.ALPNProtocols;
+  // A name over 255 bytes cannot be encoded: left as a list, Node reports it as it always did.
+  if (Array.isArray(alpn) && alpn.every((n) => typeof n === 'string' && Buffer.byteLength(n, 'latin1') <= 255)) {
+    opts.ALPNProtocols = encodeAlpn(alpn as string[]);
+  }
+  socketOptionsByChain.set(chain, { ctx, opts });
+  return opts;
+}
+
+/** ALPN protocol_name_list: each name as one length byte and its bytes (RFC 7301 3.1). */
+function encodeAlpn(names: readonly string[]): Buffer {
+  const parts: Buffer[] = [];
+  for (const n of names) {
+    const b = Buffer.from(n, 'latin1');
+    parts.push(Buffer.from([b.length]), b);
+  }
+  return Buffer.concat(parts);
+}
+
 export class ListenerRuntime {
   #server: net.Server;
   #state: ListenerState;
   readonly #sockets = new Set<net.Socket>();
   #accepting = true;
+  /**
+   * The local address of every accepted socket when the listener is bound to one specific
+   * address (not a wildcard): known without a getsockname() per connection.
+   */
+  #local: { address: string; port: number } | undefined;
 
   constructor(state: ListenerState) {
     this.#state = state;
@@ -89,6 +163,10 @@ export class ListenerRuntime {
       this.#server.once('error', onErr);
       this.#server.listen({ host: address, port, backlog: 1024 }, () => {
         this.#server.off('error', onErr);
+        const a = this.#server.address();
+        if (typeof a === 'object' && a !== null && a.address !== '0.0.0.0' && a.address !== '::') {
+          this.#local = { address: a.address, port: a.port };
+        }
         resolve();
       });
     });
@@ -132,17 +210,18 @@ export class ListenerRuntime {
     }
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
+    const local = this.#local;
     const info: ConnectionInfo = {
-      id: randomUUID(),
+      id: newConnectionId(),
       startMs: Date.now(),
       downstreamRemoteAddress: socket.remoteAddress ?? '',
       downstreamRemotePort: socket.remotePort ?? 0,
-      downstreamLocalAddress: socket.localAddress ?? '',
-      downstreamLocalPort: socket.localPort ?? 0,
+      downstreamLocalAddress: local !== undefined ? local.address : socket.localAddress ?? '',
+      downstreamLocalPort: local !== undefined ? local.port : socket.localPort ?? 0,
       listener: config.name,
     };
     setConnectionInfo(socket, info);
-    telemetry.count('downstream_connections_total', { listener: config.name });
+    telemetry.count('downstream_connections_total', labelsOf(config).listener);
     if (config.proxyProtocol) {
       this.#proxyProtocol(socket, info, this.#state);
       return;
@@ -181,8 +260,7 @@ export class ListenerRuntime {
   }
 
   #inspect(socket: net.Socket, info: ConnectionInfo, state0: ListenerState): void {
-    const { config, runtime } = state0;
-    const { telemetry } = runtime;
+    const { config } = state0;
     if (config.inspector === 'none') {
       const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
       if (!sel.chain) return this.#refuse(socket, info, config, 'no_filter_chain');
@@ -190,44 +268,51 @@ export class ListenerRuntime {
       this.#dispatch(socket, undefined, sel.chain, info, state0);
       return;
     }
-    const state = state0;
-    socket.resume();
-    void readClientHello(socket, { timeoutMs: config.clientHelloTimeoutMs, maxBytes: config.maxClientHelloBytes }).then((hello) => {
-      if (socket.destroyed) return;
-      switch (hello.kind) {
-        case 'tls': {
-          if (hello.sni !== undefined) info.sni = hello.sni;
-          info.alpnOffered = hello.alpn;
-          if (hello.ech) info.ech = true;
-          telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', { listener: config.name });
-          const sel = selectFilterChain(config, { sni: hello.sni, alpn: hello.alpn, transport: 'tls', localAddress: info.downstreamLocalAddress });
-          if (!sel.chain) {
-            socket.write(tlsAlert(ALERT_UNRECOGNIZED_NAME));
-            return this.#refuse(socket, info, config, sel.reason);
-          }
-          this.#dispatch(socket, hello.bytes, sel.chain, info, state);
-          return;
+    // The reply is handled after the read callback has returned (a microtask), never inside the
+    // socket's own 'data' dispatch: the chain may hand the socket to a TLSSocket or HTTP parser.
+    void readClientHello(socket, { timeoutMs: config.clientHelloTimeoutMs, maxBytes: config.maxClientHelloBytes }).then(
+      (hello) => this.#onHello(socket, hello, info, state0),
+      (e: Error) => this.#refuse(socket, info, config, 'internal_error', e.message),
+    );
+  }
+
+  #onHello(socket: net.Socket, hello: ClientHelloResult, info: ConnectionInfo, state: ListenerState): void {
+    if (socket.destroyed) return;
+    const { config, runtime } = state;
+    const { telemetry } = runtime;
+    switch (hello.kind) {
+      case 'tls': {
+        if (hello.sni !== undefined) info.sni = hello.sni;
+        info.alpnOffered = hello.alpn;
+        if (hello.ech) info.ech = true;
+        telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
+        const sel = selectFilterChain(config, { sni: hello.sni, alpn: hello.alpn, transport: 'tls', localAddress: info.downstreamLocalAddress });
+        if (!sel.chain) {
+          socket.write(tlsAlert(ALERT_UNRECOGNIZED_NAME));
+          return this.#refuse(socket, info, config, sel.reason);
         }
-        case 'not-tls': {
-          telemetry.count('tls_inspector_tls_not_found_total', { listener: config.name });
-          const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
-          if (!sel.chain) return this.#refuse(socket, info, config, 'not_tls');
-          this.#dispatch(socket, hello.bytes, sel.chain, info, state);
-          return;
-        }
-        case 'too-large':
-          telemetry.count('tls_inspector_client_hello_too_large_total', { listener: config.name });
-          socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
-          return this.#refuse(socket, info, config, 'client_hello_too_large');
-        case 'malformed':
-          socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
-          return this.#refuse(socket, info, config, 'client_hello_malformed', hello.detail);
-        case 'timeout':
-          return this.#refuse(socket, info, config, 'client_hello_timeout');
-        case 'closed':
-          return this.#refuse(socket, info, config, 'downstream_closed_early');
+        this.#dispatch(socket, hello.bytes, sel.chain, info, state);
+        return;
       }
-    }, (e: Error) => this.#refuse(socket, info, config, 'internal_error', e.message));
+      case 'not-tls': {
+        telemetry.count('tls_inspector_tls_not_found_total', labelsOf(config).listener);
+        const sel = selectFilterChain(config, { transport: 'raw_buffer', localAddress: info.downstreamLocalAddress });
+        if (!sel.chain) return this.#refuse(socket, info, config, 'not_tls');
+        this.#dispatch(socket, hello.bytes, sel.chain, info, state);
+        return;
+      }
+      case 'too-large':
+        telemetry.count('tls_inspector_client_hello_too_large_total', labelsOf(config).listener);
+        socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
+        return this.#refuse(socket, info, config, 'client_hello_too_large');
+      case 'malformed':
+        socket.write(tlsAlert(ALERT_HANDSHAKE_FAILURE));
+        return this.#refuse(socket, info, config, 'client_hello_malformed', hello.detail);
+      case 'timeout':
+        return this.#refuse(socket, info, config, 'client_hello_timeout');
+      case 'closed':
+        return this.#refuse(socket, info, config, 'downstream_closed_early');
+    }
   }
 
   #refuse(socket: net.Socket, info: ConnectionInfo, config: Listener, reason: Reason, detail?: string): void {
@@ -254,9 +339,8 @@ export class ListenerRuntime {
     const { runtime, config } = state;
     // Per chain and by what the first bytes were: for a sidecar's inbound port this is "how many
     // connections arrive in plaintext under PERMISSIVE", the number to watch before going STRICT.
-    runtime.telemetry.count('filter_chain_connections_total', {
-      listener: config.name, chain: chain.name, transport: replay !== undefined && replay.length > 0 && replay[0] === 0x16 ? 'tls' : 'raw_buffer',
-    });
+    runtime.telemetry.count('filter_chain_connections_total',
+      chainLabels(config, chain, replay !== undefined && replay.length > 0 && replay[0] === 0x16 ? 'tls' : 'raw_buffer'));
     if (chain.tls) {
       this.#terminate(socket, replay, chain, info, state);
       return;
@@ -286,7 +370,7 @@ export class ListenerRuntime {
       return this.#refuse(raw, info, config, 'tls_handshake_failed', (ctx as { error: string }).error);
     }
     if (replay && replay.length) raw.unshift(replay);
-    const sock = new tls.TLSSocket(raw, serverSocketOptions(tlsCtx, ctx as SecureContext));
+    const sock = new tls.TLSSocket(raw, socketOptionsFor(chain, ctx as SecureContext));
     setConnectionInfo(sock, info);
     let secured = false;
     const timer = setTimeout(() => {
@@ -311,25 +395,31 @@ export class ListenerRuntime {
       // tls.Server clears this itself; the HTTP/2 server waits for a 'secureConnect' that a
       // server-side socket never emits while it is still set.
       (sock as unknown as { secureConnecting: boolean }).secureConnecting = false;
-      const peer = sock.getPeerX509Certificate();
-      const v = handshakeVerification(sock);
-      sock.authorized = v.authorized;
-      if (v.authorizationError) sock.authorizationError = new Error(v.authorizationError);
-      const check = checkPeerCertificate(peer, tlsCtx, v.authorized, v.authorizationError);
       info.tlsVersion = sock.getProtocol() ?? undefined;
       info.alpn = sock.alpnProtocol || undefined;
       info.cipher = sock.getCipher()?.name;
-      if (peer) {
-        info.peerCertificate = peer;
-        info.peerCertificateVerified = v.authorized;
+      // Without a CertificateRequest the client cannot send a certificate, so there is nothing to
+      // verify: skip the peer lookups (asking OpenSSL for the verify result of a connection without
+      // a peer certificate builds an Error, stack trace included), and leave authorized false with
+      // no authorizationError, as tls.Server does for a server that does not request certificates.
+      if (tlsCtx.requestClientCertificate) {
+        const peer = sock.getPeerX509Certificate();
+        const v = handshakeVerification(sock);
+        sock.authorized = v.authorized;
+        if (v.authorizationError) sock.authorizationError = new Error(v.authorizationError);
+        const check = checkPeerCertificate(peer, tlsCtx, v.authorized, v.authorizationError);
+        if (peer) {
+          info.peerCertificate = peer;
+          info.peerCertificateVerified = v.authorized;
+        }
+        if (!check.ok) {
+          telemetry.count('tls_handshakes_total', { listener: config.name, result: 'failure', reason: 'client_cert_rejected' });
+          sock.destroy();
+          this.#refuse(raw, info, config, 'client_cert_rejected', check.reason);
+          return;
+        }
       }
-      if (!check.ok) {
-        telemetry.count('tls_handshakes_total', { listener: config.name, result: 'failure', reason: 'client_cert_rejected' });
-        sock.destroy();
-        this.#refuse(raw, info, config, 'client_cert_rejected', check.reason);
-        return;
-      }
-      telemetry.count('tls_handshakes_total', { listener: config.name, result: 'success', reason: 'ok' });
+      telemetry.count('tls_handshakes_total', labelsOf(config).handshakeOk);
       switch (chain.filter.kind) {
         case 'http':
           runtime.serveHttp(chain, sock, config);

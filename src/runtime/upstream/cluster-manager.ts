@@ -90,7 +90,8 @@ export interface UpstreamRequest {
   method: string;
   /** Request target (path and query). */
   path: string;
-  headers: Record<string, string | string[]>;
+  /** An object, or the list form name, value, name, value… (lower-case names), sent as given. */
+  headers: Record<string, string | string[]> | (string | string[])[];
   /** Stream (piped with backpressure), fully buffered body, or none. */
   body: Readable | Buffer | null;
   /** The Host the request carries; the SNI when the cluster uses autoSni. */
@@ -108,13 +109,20 @@ export interface UpstreamControl {
 }
 
 /**
+ * Header fields as undici hands them over, name and value alternating: Buffers from HTTP/1.1
+ * (names in the peer's case), a value may be a list. rawName / rawValue / rawHeadersToObject read it.
+ */
+export type RawHeaders = readonly (Buffer | string | (Buffer | string)[])[];
+
+/**
  * Callbacks of one upstream request. Exactly one of onEnd / onError ends it; none is called
- * synchronously from `dispatch`.
+ * synchronously from `dispatch`. `pause()` called inside onHeaders / onData stops the body after
+ * that chunk.
  */
 export interface UpstreamHandler {
-  onHeaders(ctl: UpstreamControl, statusCode: number, headers: Record<string, string | string[] | undefined>): void;
+  onHeaders(ctl: UpstreamControl, statusCode: number, rawHeaders: RawHeaders): void;
   onData(ctl: UpstreamControl, chunk: Buffer): void;
-  onEnd(ctl: UpstreamControl, trailers: Record<string, string | string[] | undefined>): void;
+  onEnd(ctl: UpstreamControl, rawTrailers: RawHeaders): void;
   onError(ctl: UpstreamControl, err: UpstreamError): void;
 }
 
@@ -284,16 +292,16 @@ type TaggedError = Error & { code?: string; [kReason]?: Reason };
 class Host {
   active = 0;
   pool: Pool | undefined;
+  /** "ip:port" (IPv6 in brackets) or the socket path; computed once, read on every request. */
+  readonly label: string;
   constructor(
     readonly key: string,
     readonly address: string,
     readonly port: number,
     readonly weight: number,
     readonly settings: ClusterSettings,
-  ) {}
-
-  get label(): string {
-    return this.address.startsWith('/') ? this.address : `${net.isIPv6(this.address) ? `[${this.address}]` : this.address}:${this.port}`;
+  ) {
+    this.label = address.startsWith('/') ? address : `${net.isIPv6(address) ? `[${address}]` : address}:${port}`;
   }
 }
 
@@ -312,6 +320,13 @@ class ClusterState {
   hosts: Host[] = [];
   dnsInputs: (string[] | undefined)[] = [];
   readonly settings: ClusterSettings;
+  /** The last TLS material check (see ClusterManager#tlsMaterialError) and what it was made from. */
+  tlsCheck: {
+    ca: SecretMaterial | undefined; cert: SecretMaterial | undefined; caPem: string | undefined; certPem: string | undefined;
+    keyPem: string | undefined; systemRoots: boolean | undefined; error: string | undefined;
+  } | undefined;
+  /** SNI without autoSni (it does not depend on the request), once known; null until then. */
+  fixedSni: string | undefined | null = null;
 
   constructor(readonly cluster: Cluster, random: (() => number) | undefined) {
     this.lb = createLoadBalancer<Host>(cluster.lbPolicy, random === undefined ? {} : { random });
@@ -568,12 +583,14 @@ export class ClusterManager {
         }
         finish(null, ts);
       });
+      ts.setNoDelay(true);
+      ts.setKeepAlive(true, 60_000);
     } else {
-      socket = net.connect(target);
+      // As connect options they are set once on the new socket (the setters would set them now
+      // and again once connected).
+      socket = net.connect({ ...target, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000 });
       socket.once('connect', () => finish(null, socket));
     }
-    socket.setNoDelay(true);
-    socket.setKeepAlive(true, 60_000);
     let connected = false;
     socket.once('connect', () => { connected = true; });
     socket.on('error', (err: TaggedError) => {
@@ -623,6 +640,25 @@ export class ClusterManager {
     return ex;
   }
 
+  /**
+   * Why a TLS cluster cannot originate now (missing or unloadable material), or undefined. The
+   * full tlsConnectOptions (PEM hashing, context lookup) runs only when the material the cluster
+   * names changed since the last request, not on every request.
+   */
+  #tlsMaterialError(s: ClusterState): string | undefined {
+    const t = s.cluster.tls!;
+    const ca = t.validationCa !== '' ? this.#secrets(t.validationCa) : undefined;
+    const cert = t.clientCertificate !== undefined ? this.#secrets(t.clientCertificate) : undefined;
+    const k = s.tlsCheck;
+    if (k !== undefined && k.ca === ca && k.cert === cert && k.caPem === ca?.caPem && k.certPem === cert?.certChainPem &&
+      k.keyPem === cert?.privateKeyPem && k.systemRoots === ca?.systemRoots) return k.error;
+    const r = tlsConnectOptions(s.cluster, undefined, this.#secrets, { cache: this.#tlsCache });
+    const error = r.ok ? undefined : r.message;
+    s.tlsCheck = { ca, cert, caPem: ca?.caPem, certPem: cert?.certChainPem, keyPem: cert?.privateKeyPem, systemRoots: ca?.systemRoots, error };
+    if (s.fixedSni === null && !t.autoSni) s.fixedSni = upstreamServerName(s.cluster, undefined);
+    return error;
+  }
+
   #send(ex: Exchange, s: ClusterState, hosts: Host[] | UpstreamError, req: UpstreamRequest): void {
     if (ex.aborted) {
       ex.fail(ex.abortError());
@@ -642,25 +678,26 @@ export class ClusterManager {
     let servername: string | undefined;
     if (c.tls !== undefined) {
       // Fail before queueing when the TLS material is missing (fail closed, no plaintext retry).
-      const r = tlsConnectOptions(c, req.host, this.#secrets, { cache: this.#tlsCache });
-      if (!r.ok) {
-        ex.fail(new UpstreamError('upstream_tls_failed', r.message, { cluster: c.name, endpoint: h.label, code: 'TLS_MATERIAL_UNAVAILABLE' }));
+      const error = this.#tlsMaterialError(s);
+      if (error !== undefined) {
+        ex.fail(new UpstreamError('upstream_tls_failed', error, { cluster: c.name, endpoint: h.label, code: 'TLS_MATERIAL_UNAVAILABLE' }));
         return;
       }
       // undici reconnects when a request's servername differs from the connection's; a constant
       // placeholder keeps a cluster without SNI on its warm connections.
-      servername = r.servername ?? PLACEHOLDER_SNI;
+      servername = (c.tls.autoSni || s.fixedSni === null ? upstreamServerName(c, req.host) : s.fixedSni) ?? PLACEHOLDER_SNI;
     }
     // `servername` is a dispatch option undici reads but does not declare in its types.
     const opts: Dispatcher.DispatchOptions & { servername?: string } = {
       method: req.method as Dispatcher.HttpMethod,
       path: req.path,
-      headers: req.headers,
+      // undici's types list only string values for the list form; its runtime takes arrays too.
+      headers: req.headers as Dispatcher.DispatchOptions['headers'],
       body: req.body,
     };
     if (servername !== undefined) opts.servername = servername;
     try {
-      this.#pool(h).dispatch(opts, ex);
+      this.#pool(h).dispatch(opts, ex as unknown as Dispatcher.DispatchHandler);
     } catch (err) {
       ex.fail(classify(err, c.name, h.label));
     }
@@ -674,10 +711,10 @@ export class ClusterManager {
     return new Promise<UpstreamResponse>((resolve, reject) => {
       let body: ReadableStream | undefined;
       const ctl = this.dispatch(clusterName, req, {
-        onHeaders(c, statusCode, headers) {
+        onHeaders(c, statusCode, raw) {
           body = new ReadableStream({ read: () => c.resume() });
           body.on('close', () => { if (!body!.readableEnded) c.abort(); });
-          resolve({ statusCode, headers, body, endpoint: c.endpoint ?? '' });
+          resolve({ statusCode, headers: rawHeadersToObject(raw), body, endpoint: c.endpoint ?? '' });
         },
         onData(c, chunk) {
           if (body !== undefined && !body.push(chunk)) c.pause();
@@ -710,32 +747,43 @@ export class ClusterManager {
     if (lim.maxConnections !== undefined && s.active >= lim.maxConnections) {
       return Promise.reject(new UpstreamError('upstream_overflow', `cluster ${clusterName} is at its connection limit`, { cluster: clusterName, code: 'OVERFLOW' }));
     }
-    return Promise.resolve(this.#currentHosts(s)).then((hosts) => new Promise((resolve, reject) => {
-      if (hosts instanceof UpstreamError) {
-        reject(hosts);
-        return;
-      }
-      const h = s.lb.pick(hosts);
-      if (h === undefined) {
-        reject(new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' }));
-        return;
-      }
-      h.active++;
-      s.active++;
-      this.#dial(h, s.cluster, opts.sni, opts.timeoutMs ?? s.cluster.connectTimeoutMs, undefined, (err, socket) => {
-        if (err !== null || socket === null) {
-          h.active--;
-          s.active--;
-          reject(classify(err, clusterName, h.label));
-          return;
-        }
-        socket.once('close', () => {
-          h.active--;
-          s.active--;
-        });
-        resolve({ socket, endpoint: h.label });
-      });
+    const hosts = this.#currentHosts(s);
+    // STATIC endpoints and cached DNS answers are at hand: dial now, in the one promise the
+    // caller gets (no extra promise and microtask per connection). Only a DNS lookup waits.
+    if (Array.isArray(hosts)) return new Promise((resolve, reject) => this.#connectTcpTo(s, hosts, opts, resolve, reject));
+    if (hosts instanceof UpstreamError) return Promise.reject(hosts);
+    return hosts.then((hs) => new Promise((resolve, reject) => {
+      if (hs instanceof UpstreamError) reject(hs);
+      else this.#connectTcpTo(s, hs, opts, resolve, reject);
     }));
+  }
+
+  /** connectTcp once the hosts are known: pick one, count it active for the connection's life, dial. */
+  #connectTcpTo(
+    s: ClusterState, hosts: Host[], opts: { timeoutMs?: number; sni?: string },
+    resolve: (r: { socket: net.Socket | tls.TLSSocket; endpoint: string }) => void, reject: (e: UpstreamError) => void,
+  ): void {
+    const clusterName = s.cluster.name;
+    const h = s.lb.pick(hosts);
+    if (h === undefined) {
+      reject(new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' }));
+      return;
+    }
+    h.active++;
+    s.active++;
+    this.#dial(h, s.cluster, opts.sni, opts.timeoutMs ?? s.cluster.connectTimeoutMs, undefined, (err, socket) => {
+      if (err !== null || socket === null) {
+        h.active--;
+        s.active--;
+        reject(classify(err, clusterName, h.label));
+        return;
+      }
+      socket.once('close', () => {
+        h.active--;
+        s.active--;
+      });
+      resolve({ socket, endpoint: h.label });
+    });
   }
 }
 
@@ -780,9 +828,15 @@ function classify(err: unknown, cluster: string, endpoint: string | undefined): 
   }
 }
 
-/** One upstream request: undici's handler on one side, our UpstreamHandler on the other. */
-class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
-  #controller: Dispatcher.DispatchController | undefined;
+/**
+ * One upstream request: undici's handler on one side, our UpstreamHandler on the other. It speaks
+ * undici's original handler protocol (onConnect / onHeaders / onData / onComplete / onError): the
+ * controller protocol wraps such a handler in two more objects and parses the response headers
+ * and trailers into objects on every request, which the router only turns back into a list.
+ */
+class Exchange implements UpstreamControl {
+  #abort: ((err?: Error) => void) | undefined;
+  #resume: (() => void) | undefined;
   #state: ClusterState | undefined;
   #host: Host | undefined;
   #done = false;
@@ -836,14 +890,15 @@ class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
     if (this.#host !== undefined) this.#host.active--;
   }
 
+  /** Takes effect when the current chunk returns to undici (onData answers false). */
   pause(): void {
     this.#paused = true;
-    this.#controller?.pause();
   }
 
   resume(): void {
+    if (!this.#paused) return;
     this.#paused = false;
-    this.#controller?.resume();
+    this.#resume?.();
   }
 
   abort(err?: Error): void {
@@ -851,39 +906,41 @@ class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
     this.aborted = true;
     this.#abortErr = err;
     // Before undici took the request there is nothing to cancel; #send sees `aborted`.
-    this.#controller?.abort(err ?? new Error('aborted'));
+    this.#abort?.(err ?? new Error('aborted'));
   }
 
-  // ---- undici DispatchHandler
+  // ---- undici handler
 
-  onRequestStart(controller: Dispatcher.DispatchController): void {
-    this.#controller = controller;
+  onConnect(abort: (err?: Error) => void): void {
+    this.#abort = abort;
     if (this.#pending && this.#state !== undefined) {
       this.#state.pending--;
       this.#pending = false;
     }
-    if (this.aborted) controller.abort(this.#abortErr ?? new Error('aborted'));
-    else if (this.#paused) controller.pause();
+    if (this.aborted) abort(this.#abortErr ?? new Error('aborted'));
   }
 
-  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: Record<string, string | string[] | undefined>): void {
-    this.#controller = controller;
-    if (statusCode < 200 || this.#done) return;
-    this.handler.onHeaders(this, statusCode, headers);
+  onHeaders(statusCode: number, rawHeaders: RawHeaders, resume: () => void): boolean {
+    this.#resume = resume;
+    if (statusCode < 200 || this.#done) return true;
+    this.handler.onHeaders(this, statusCode, rawHeaders);
+    return !this.#paused;
   }
 
-  onResponseData(_controller: Dispatcher.DispatchController, chunk: Buffer): void {
+  onData(chunk: Buffer): boolean {
     if (!this.#done) this.handler.onData(this, chunk);
+    return !this.#paused;
   }
 
-  onResponseEnd(_controller: Dispatcher.DispatchController, trailers: Record<string, string | string[] | undefined>): void {
+  onComplete(rawTrailers: RawHeaders | Record<string, string | string[]> | null): void {
     if (this.#done) return;
     this.#done = true;
     this.#release();
-    this.handler.onEnd(this, trailers);
+    // HTTP/1.1 hands over a list; undici's HTTP/2 client an object.
+    this.handler.onEnd(this, rawTrailers == null ? EMPTY_RAW : Array.isArray(rawTrailers) ? rawTrailers as RawHeaders : objectToRaw(rawTrailers as Record<string, string | string[]>));
   }
 
-  onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
+  onError(err: Error): void {
     if (this.#done) return;
     this.#done = true;
     const endpoint = this.#host?.label;
@@ -891,6 +948,49 @@ class Exchange implements Dispatcher.DispatchHandler, UpstreamControl {
     const e = this.aborted && err === this.#abortErr ? this.abortError() : classify(err, this.clusterName, endpoint);
     this.handler.onError(this, e);
   }
+
+  onUpgrade(): void {
+    // Never asked for (no CONNECT or upgrade requests go through pools).
+    this.onError(new Error('unexpected upgrade'));
+  }
+}
+
+const EMPTY_RAW: RawHeaders = Object.freeze([]) as RawHeaders;
+
+function objectToRaw(o: Record<string, string | string[] | undefined>): RawHeaders {
+  const out: (string | string[])[] = [];
+  for (const k of Object.keys(o)) {
+    const v = o[k];
+    if (v !== undefined) out.push(k, v);
+  }
+  return out;
+}
+
+/** Header name as text, lower-cased (HTTP/1.1 names arrive as Buffers in the peer's case). */
+export function rawName(n: Buffer | string | (Buffer | string)[]): string {
+  const s = typeof n === 'string' ? n : Array.isArray(n) ? String(n[0] ?? '') : n.toString('latin1');
+  return s.toLowerCase();
+}
+
+/** Header value as text; a list (HTTP/2 set-cookie) as its entries. */
+export function rawValue(v: Buffer | string | (Buffer | string)[]): string | string[] {
+  if (typeof v === 'string') return v;
+  if (Array.isArray(v)) return v.map((x) => (typeof x === 'string' ? x : x.toString('latin1')));
+  return v.toString('latin1');
+}
+
+/** Raw header list -> object keyed by lower-case name; repeated names become arrays. */
+export function rawHeadersToObject(raw: RawHeaders): Record<string, string | string[]> {
+  const out: Record<string, string | string[]> = Object.create(null) as Record<string, string | string[]>;
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = rawName(raw[i]!);
+    const v = rawValue(raw[i + 1]!);
+    const cur = out[name];
+    if (cur === undefined) out[name] = v;
+    else if (Array.isArray(cur)) { if (Array.isArray(v)) cur.push(...v); else cur.push(v); }
+    else out[name] = Array.isArray(v) ? [cur, ...v] : [cur, v];
+  }
+  return out;
 }
 
 /** Upstream TLS sessions, bounded; keyed by endpoint, SNI and the secure context used. */

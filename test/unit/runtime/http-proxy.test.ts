@@ -39,6 +39,7 @@ class Upstream {
   requests = 0;
   hits = new Map<string, number>();
   #held: http.ServerResponse[] = [];
+  #streams: http.ServerResponse[] = [];
 
   constructor(readonly name: string, tlsOpts?: https.ServerOptions) {
     const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => this.#handle(req, res);
@@ -58,6 +59,19 @@ class Upstream {
     const url = new URL(req.url ?? '/', 'http://x');
     if (url.pathname.includes('/slow')) {
       this.#held.push(res); // never answered; the proxy's route timeout must fire
+      return;
+    }
+    if (url.pathname === '/cookies') {
+      // Repeated fields and names in mixed case, as many servers send them.
+      res.writeHead(200, ['Set-Cookie', 'a=1', 'Set-Cookie', 'b=2', 'X-Mixed-Case', 'yes', 'Content-Length', '2']);
+      res.end('ok');
+      return;
+    }
+    if (url.pathname === '/stream') {
+      // First chunk now, the rest only after the client has seen the first: never held back.
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.write('first;');
+      this.#streams.push(res);
       return;
     }
     const key = url.pathname;
@@ -81,8 +95,13 @@ class Upstream {
     });
   }
 
+  /** Ends the responses held by /stream. */
+  finishStreams(): void {
+    for (const r of this.#streams.splice(0)) r.end('rest');
+  }
+
   async close(): Promise<void> {
-    for (const r of this.#held) r.destroy();
+    for (const r of [...this.#held, ...this.#streams]) r.destroy();
     const s = this.server as http.Server;
     s.closeAllConnections();
     await new Promise<void>((r) => s.close(() => r()));
@@ -325,6 +344,41 @@ describe('HTTP proxy (createHttpHandler)', () => {
     assert.equal(x.headers['x-upstream-secret'], undefined);
   });
 
+  it('forwards repeated response fields as separate lines, names lower-cased, over HTTP/1.1 and h2', async () => {
+    const x = await get('/cookies');
+    assert.equal(x.status, 200);
+    assert.equal(x.text, 'ok');
+    assert.deepEqual(x.headers['set-cookie'], ['a=1', 'b=2']);
+    assert.equal(x.headers['x-mixed-case'], 'yes');
+    const c = http2.connect(`http://127.0.0.1:${h2port}`);
+    try {
+      const st = c.request({ ':path': '/cookies', ':authority': 'echo.test' });
+      const [h] = (await once(st, 'response')) as [http2.IncomingHttpHeaders];
+      let body = '';
+      st.setEncoding('utf8');
+      st.on('data', (d: string) => { body += d; });
+      await once(st, 'end');
+      assert.equal(h[':status'], 200);
+      assert.deepEqual(h['set-cookie'], ['a=1', 'b=2']);
+      assert.equal(h['x-mixed-case'], 'yes');
+      assert.equal(body, 'ok');
+    } finally {
+      c.close();
+    }
+  });
+
+  it('streams a response body: the first chunk reaches the client before the upstream ends', async () => {
+    const res = await request(`${base}/stream`, { headers: { host: 'echo.test' } });
+    assert.equal(res.statusCode, 200);
+    const it = res.body[Symbol.asyncIterator]();
+    const first = await it.next();
+    assert.equal(Buffer.from(first.value as Uint8Array).toString(), 'first;');
+    a.finishStreams();
+    let rest = '';
+    for (let n = await it.next(); !n.done; n = await it.next()) rest += Buffer.from(n.value as Uint8Array).toString();
+    assert.equal(rest, 'rest');
+  });
+
   it('sets the gateway headers and strips hop-by-hop and forged ones', async () => {
     const x = await get('/plain', {
       'x-forwarded-for': '203.0.113.9', 'x-forwarded-client-cert': 'By=forged;Hash=00', 'x-envoy-internal': 'true',
@@ -446,6 +500,30 @@ describe('HTTP proxy (createHttpHandler)', () => {
     const d = await curl(['--http2-prior-knowledge', `http://echo.test:${h2port}/direct`, '--resolve', `echo.test:${h2port}:127.0.0.1`]);
     assert.equal(d.status, 418);
     assert.equal(d.body, 'teapot');
+  });
+
+  it('h2: repeated request fields reach the upstream combined once; forged gateway headers are replaced', async () => {
+    const c = http2.connect(`http://127.0.0.1:${h2port}`);
+    try {
+      const st = c.request({
+        ':path': '/h2dup', ':authority': 'echo.test', 'x-dup': ['a', 'b'], cookie: ['k1=1', 'k2=2'],
+        'x-forwarded-for': '203.0.113.7', 'x-forwarded-proto': 'gopher', 'x-envoy-internal': 'true', 'x-request-id': 'trace-42',
+      });
+      let body = '';
+      st.setEncoding('utf8');
+      st.on('data', (d: string) => { body += d; });
+      await once(st, 'end');
+      const e = JSON.parse(body) as Echo;
+      assert.equal(e.headers['x-dup'], 'a, b');
+      assert.equal(e.headers.cookie, 'k1=1; k2=2');
+      assert.equal(e.headers['x-forwarded-for'], '203.0.113.7, 127.0.0.1');
+      assert.equal(e.headers['x-forwarded-proto'], 'http');
+      assert.equal(e.headers['x-envoy-internal'], undefined);
+      assert.equal(e.headers['x-request-id'], 'trace-42');
+      assert.equal(e.headers.host, 'echo.test');
+    } finally {
+      c.close();
+    }
   });
 
   it('originates TLS to a verified upstream and refuses a wrong CA with 503', async () => {

@@ -52,3 +52,27 @@ test('FileSource: a changed extra file fires onChange with its new digest alread
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('DigestCache reads a file again only when its identity changes', async () => {
+  const { DigestCache, fileDigest } = await import('../../../src/sources/file-source.js');
+  const { mkdtemp, writeFile, rename, rm } = await import('node:fs/promises');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const dir = await mkdtemp(join(tmpdir(), 'tg-digest-'));
+  try {
+    const f = join(dir, 'a.yaml');
+    const cache = new DigestCache();
+    await writeFile(f, 'one');
+    assert.equal(await cache.digest(f), await fileDigest(f));
+    // Same length, new content: mtime/ctime (and for the rename, the inode) change.
+    await writeFile(f, 'two');
+    assert.equal(await cache.digest(f), await fileDigest(f));
+    await writeFile(join(dir, 'b.tmp'), 'six');
+    await rename(join(dir, 'b.tmp'), f);
+    assert.equal(await cache.digest(f), await fileDigest(f));
+    await rm(f);
+    assert.equal(await cache.digest(f), '<ENOENT>');
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
