@@ -308,6 +308,12 @@ export interface Cluster {
   tls?: UpstreamTlsContext;
   /** Send a PROXY protocol header on each upstream connection (DestinationRule annotation). */
   proxyProtocol?: 'v1' | 'v2';
+  /**
+   * Set on the stand-in for a Gateway API backendRef that did not resolve: the share of requests
+   * (500) or connections (closed) the weights send to it fails, as the Gateway API requires,
+   * instead of going to the valid backends. The text says why.
+   */
+  invalidBackend?: string;
   limits: {
     maxConnections?: number;
     maxPendingRequests?: number;

@@ -25,6 +25,7 @@ export type Reason =
   | 'tls_handshake_timeout'
   | 'client_cert_required'
   | 'client_cert_rejected'
+  | 'invalid_backend' // HTTP 500 / connection closed: the weights chose a Gateway API backendRef that did not resolve
   | 'no_healthy_upstream' // 503
   | 'upstream_connect_failed' // 503
   | 'upstream_connect_timeout' // 503

@@ -10,7 +10,7 @@ import http2 from 'node:http2';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { certDir, makeCa, makeLeaf, writeSecretYaml, type Ca, type KeyPair } from '../helpers/certs.js';
-import { curl } from '../helpers/exec.js';
+import { curl, run } from '../helpers/exec.js';
 import { nginxBinary, nginxTlsServer, startNginx, type Nginx } from '../helpers/nginx.js';
 import { freePorts } from '../helpers/ports.js';
 import { runCli, startTlsgate, type Gateway } from '../helpers/tlsgate.js';
@@ -118,6 +118,9 @@ spec:
   rules:
   - matches: [{path: {value: /wrong-ca}}]
     backendRefs: [{name: nginx-wrong, port: 443}]
+  # The second backend is in another namespace with no ReferenceGrant: its half fails with 500.
+  - matches: [{path: {value: /split}}]
+    backendRefs: [{name: nginx, port: 443, weight: 1}, {name: nginx, namespace: other, port: 443, weight: 1}]
   - backendRefs: [{name: nginx, port: 443}]`,
     // Istio's way: a DestinationRule for the Service, short host read in the rule's namespace.
     `apiVersion: networking.istio.io/v1
@@ -194,6 +197,20 @@ describe('Gateway API backends', () => {
   it('the same with a CA that did not sign nginx: 503, never plaintext', { skip: nginxBinary() ? false : 'nginx not installed' }, async () => {
     const r = await curl(['-H', 'Host: shop.example.com', `http://127.0.0.1:${HTTP}/wrong-ca`]);
     assert.equal(r.status, 503, r.body);
+  });
+
+  it('an unresolved backendRef keeps its weight: its share of requests gets 500, the rest reach the valid backend', { skip: nginxBinary() ? false : 'nginx not installed' }, async () => {
+    // One curl, 60 requests on one connection; the split is random, 1:1.
+    // curl's -o applies to one URL: one per URL, so only the status codes are printed.
+    const urls = Array.from({ length: 60 }, () => ['-o', '/dev/null', `http://127.0.0.1:${HTTP}/split`]).flat();
+    const r = await run('curl', ['-s', '-w', '%{http_code}\\n', '-H', 'Host: shop.example.com', ...urls]);
+    const codes = r.stdout.trim().split('\n');
+    assert.equal(codes.length, 60, r.stdout + r.stderr);
+    const ok = codes.filter((c) => c === '200').length, failed = codes.filter((c) => c === '500').length;
+    assert.equal(ok + failed, 60, `only 200 and 500 expected: ${codes.join(',')}`);
+    assert.ok(ok > 0 && failed > 0, `both shares served: ${ok} x 200, ${failed} x 500`);
+    const split = gw.accessLogs().filter((e) => e.path === '/split');
+    assert.equal(split.filter((e) => e.reason === 'invalid_backend').length, failed, JSON.stringify(split.slice(0, 3)));
   });
 
   it('GRPCRoute: a gRPC call over HTTP/2 reaches the HTTP/2 TLS upstream by service/method', async () => {

@@ -560,6 +560,11 @@ class HttpExchange implements UpstreamHandler {
       this.#local(503, 'no_healthy_upstream', 'no healthy upstream\n');
       return;
     }
+    if (this.#ctx.env.clusters.get(dest.cluster)?.invalidBackend !== undefined) {
+      this.#dest = dest;
+      this.#local(500, 'invalid_backend', 'invalid backend\n');
+      return;
+    }
     this.#dest = dest;
     const req = this.#req;
     const path = this.#path;

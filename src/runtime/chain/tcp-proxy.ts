@@ -278,6 +278,10 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     finish('no_healthy_upstream');
     return;
   }
+  if (env.clusters.get?.(target.cluster)?.invalidBackend !== undefined) {
+    finish('invalid_backend');
+    return;
+  }
   const started = Date.now();
   env.clusters.connectTcp(target.cluster, {}).then(
     ({ socket, endpoint: ep }) => {

@@ -403,3 +403,24 @@ ${service('svc', 443, '10.0.0.1')}`);
   assert.ok(s.diagnostics.some((d) => d.code === 'TG3020' && d.path === 'spec.rules[0].matches[0].method.service'));
   assert.ok(s.diagnostics.some((d) => d.code === 'TG6016' && d.path === 'spec.rules[1].matches[0].method'));
 });
+
+test('an unresolved backendRef keeps its weight as a stand-in cluster that fails its share (TCPRoute)', () => {
+  const s = tr(`${tcpGateway}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: t, namespace: default}
+spec:
+  parentRefs: [{name: gw, sectionName: tcp}]
+  rules:
+  - backendRefs: [{name: a, port: 80, weight: 3}, {name: a, namespace: elsewhere, port: 80, weight: 1}]
+${service('a', 80, '10.0.0.1')}`);
+  const tcp = listener(s.snapshot, 9000).filterChains[0]!.filter as TcpProxy;
+  assert.equal(tcp.clusters.length, 2);
+  assert.deepEqual(tcp.clusters.map((c) => c.weight), [3, 1]);
+  const standIn = s.snapshot.clusters[tcp.clusters[1]!.cluster]!;
+  assert.match(standIn.invalidBackend ?? '', /TCPRoute default\/t spec\.rules\[0\]\.backendRefs\[1\] did not resolve/);
+  assert.deepEqual(standIn.endpoints, []);
+  assert.equal(s.snapshot.clusters[tcp.clusters[0]!.cluster]!.invalidBackend, undefined);
+  assert.ok(s.diagnostics.some((d) => d.code === 'TG6005'), 'the RefNotPermitted is reported');
+});

@@ -239,10 +239,14 @@ export class HttpRouteBuilder {
       return a;
     }
     const weighted: WeightedCluster[] = [];
+    const invalid: WeightedCluster[] = [];
     const refs = rule.backendRefs ?? [];
     refs.forEach((b, k) => {
       const cluster = this.refs.backend(hr, `${path}.backendRefs[${k}]`, b, 'http', grpc);
-      if (!cluster) return;
+      if (!cluster) {
+        if ((b.weight ?? 1) > 0) invalid.push({ cluster: this.refs.invalidBackend(hr, `${path}.backendRefs[${k}]`), weight: b.weight ?? 1 });
+        return;
+      }
       const wc: WeightedCluster = { cluster, weight: b.weight ?? 1 };
       const bf: HttpFilter[] = b.filters ?? [];
       const rq = mutation(bf.find((f) => f.type === 'RequestHeaderModifier')?.requestHeaderModifier);
@@ -255,6 +259,8 @@ export class HttpRouteBuilder {
       if (refs.length === 0) this.ctx.info('TG6016', hr, path, 'rule has no backendRefs and no redirect: requests matched by it get 500');
       return fail;
     }
+    // An invalid backendRef keeps its share: those requests get 500 (Gateway API), not a valid backend.
+    weighted.push(...invalid);
     const a: RouteAction & { kind: 'route' } = { kind: 'route', clusters: weighted };
     if (rewrite?.hostname) a.rewriteAuthority = rewrite.hostname;
     if (rewrite?.path?.type === 'ReplaceFullPath') a.rewritePath = rewrite.path.replaceFullPath ?? '/';

@@ -594,14 +594,20 @@ function httpChain(ctx: TranslateContext, book: StatusBook, http: HttpRouteBuild
 function tcpProxy(ctx: TranslateContext, refs: GatewayApiRefs, route: GatewayApiResource): TcpProxy | undefined {
   const rules = specOf<RouteSpec>(route).rules ?? [];
   const weighted: WeightedCluster[] = [];
+  const invalid: WeightedCluster[] = [];
   rules.forEach((rule, i) => (rule.backendRefs ?? []).forEach((b, k) => {
     const cluster = refs.backend(route, `spec.rules[${i}].backendRefs[${k}]`, b, 'tcp');
-    if (!cluster) return;
+    if (!cluster) {
+      // Its share of connections is closed (Gateway API), not sent to a valid backend.
+      if ((b.weight ?? 1) > 0) invalid.push({ cluster: refs.invalidBackend(route, `spec.rules[${i}].backendRefs[${k}]`), weight: b.weight ?? 1 });
+      return;
+    }
     const w = weighted.find((x) => x.cluster === cluster);
     if (w) w.weight += b.weight ?? 1; // the same backend named in two rules: one entry, weights added
     else weighted.push({ cluster, weight: b.weight ?? 1 });
   }));
   if (weighted.length === 0 || weighted.every((w) => w.weight === 0)) return undefined;
+  weighted.push(...invalid);
   const what = rules.length > 1 ? 'spec.rules' : 'spec.rules[0]';
   return { kind: 'tcp', name: `${route.metadata.namespace}/${route.metadata.name}#${rules.length > 1 ? 'rules' : 'rules[0]'}`, clusters: weighted, idleTimeoutMs: ctx.options.tcpIdleTimeoutMs, origin: ctx.origin(route, what) };
 }

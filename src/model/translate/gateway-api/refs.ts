@@ -186,6 +186,23 @@ export class GatewayApiRefs {
     return name;
   }
 
+  /**
+   * The stand-in cluster for a backendRef that did not resolve (already reported): no endpoints,
+   * `invalidBackend` set, so the requests its weight draws get 500 and connections are closed.
+   */
+  invalidBackend(route: GatewayApiResource, path: string): string {
+    const name = `invalid|${route.kind}/${route.metadata.namespace}/${route.metadata.name}#${path}`;
+    if (!this.clusters.clusters[name]) {
+      this.clusters.clusters[name] = {
+        name, serviceHost: '', servicePort: 0, discovery: 'STATIC', endpoints: [], lbPolicy: 'ROUND_ROBIN',
+        connectTimeoutMs: this.ctx.options.connectTimeoutMs, httpProtocol: 'http1', limits: {},
+        invalidBackend: `${route.kind} ${route.metadata.namespace}/${route.metadata.name} ${path} did not resolve (see the route's ResolvedRefs condition)`,
+        origin: this.ctx.origin(route, path),
+      };
+    }
+    return name;
+  }
+
   /** The clusters a valid BackendTLSPolicy originates TLS to, with the routes sending to each. */
   policyClusters(): ReadonlyMap<string, ReadonlySet<GatewayApiResource>> {
     return this.#policyClusters;
