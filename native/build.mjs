@@ -3,7 +3,7 @@
 // built (no compiler, not Linux, no Node headers), tlsgate uses its JS relay and this prints
 // one line saying so. TLSGATE_NO_NATIVE=1 skips the build.
 import { spawnSync } from 'node:child_process';
-import { existsSync, rmSync } from 'node:fs';
+import { existsSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -14,6 +14,15 @@ const notice = (why) => {
 };
 
 if (process.env.TLSGATE_NO_NATIVE === '1') notice('TLSGATE_NO_NATIVE=1');
+
+// `npm test` calls this too: an addon newer than its sources is left as it is.
+const built = path.join(root, 'build', 'Release', 'relay.node');
+const mtime = (f) => (existsSync(f) ? statSync(f).mtimeMs : Infinity);
+if (process.env.TLSGATE_NATIVE_REBUILD !== '1' && existsSync(built)
+  && ['native/relay.c', 'binding.gyp'].every((f) => mtime(path.join(root, f)) < mtime(built))) {
+  console.log('tlsgate: native relay up to date (build/Release/relay.node)');
+  process.exit(0);
+}
 if (process.platform !== 'linux') notice(`splice(2) is Linux-only, this is ${process.platform}`);
 
 // npm names its own node-gyp in scripts' environment; run by hand, use the one npm bundles.
