@@ -493,9 +493,12 @@ static napi_value js_start(napi_env env, napi_callback_info info) {
   /* While connections are relayed, the pending report keeps the process alive, as an open
    * socket would; with none, the relay never holds the event loop. */
   if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
+  /* Once pushed, `c` belongs to the relay thread, which may finish and free it at once (a peer
+   * that already reset): nothing of it is read here after push_cmd. */
+  uint32_t cid = c->id;
   push_cmd(r, cmd);
   napi_value id;
-  napi_create_uint32(env, c->id, &id);
+  napi_create_uint32(env, cid, &id);
   return id;
 }
 

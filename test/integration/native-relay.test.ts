@@ -1,7 +1,8 @@
 // The raw TCP relay, native (splice(2) addon) and JS (stream pipes), against real sockets on
 // 127.0.0.1: 64 MiB each way with sha256 checks through a passthrough route and a plain TCP route,
 // half-close both ways, an upstream reset, the idle timeout, closing while bytes flow (drain,
-// closeAll), and exact byte counts in the access log. Every case runs under both relays; the
+// closeAll), a PROXY header ahead of a replayed ClientHello, bytes the upstream sent before the
+// hand-off, and exact byte counts in the access log. Every case runs under both relays; the
 // native ones are skipped when the addon was not built.
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -16,6 +17,7 @@ import { freePorts } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { proxyTcp, type TcpConnector } from '../../src/runtime/chain/tcp-proxy.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason, relayInUse, setRelayMode } from '../../src/runtime/chain/native-relay.js';
+import { decodeSslTlvs, readProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../../src/runtime/connection-info.js';
 import type { AccessLogEntry, Telemetry } from '../../src/runtime/telemetry.js';
 
@@ -168,6 +170,12 @@ const downstreamOf = (s: net.Socket): string => `127.0.0.1:${s.localPort}`;
 let dir: string;
 let ca: Ca;
 let bulkCert: KeyPair;
+let ppCert: KeyPair;
+let ppUpstream: { port: number; close(): void };
+/** What the PROXY-protocol upstream saw, per connection, in arrival order. */
+const ppSeen: Promise<PpSeen>[] = [];
+
+interface PpSeen { version: number; sourcePort: number | undefined; authority: string | undefined; question: string; rawRead: number; rawWritten: number }
 let tcpBulk: Upstream;
 let tlsBulk: Upstream;
 let replyAfterEof: { port: number; close(): void };
@@ -197,7 +205,7 @@ spec:
 `;
 }
 
-interface Ports { pass: number; bulk: number; reply: number; first: number; reset: number; sink: number }
+interface Ports { pass: number; bulk: number; reply: number; first: number; reset: number; sink: number; pp: number }
 
 async function gatewayConfig(ports: Ports, name: string): Promise<string> {
   const cfg = path.join(dir, name);
@@ -233,6 +241,14 @@ spec:
       mode: PASSTHROUGH
     hosts:
     - bulk.example.com
+  - port:
+      number: ${ports.pp}
+      name: tls-pp
+      protocol: TLS
+    tls:
+      mode: PASSTHROUGH
+    hosts:
+    - pp.example.com
 ${tcp('bulk', ports.bulk)}${tcp('reply', ports.reply)}${tcp('first', ports.first)}${tcp('reset', ports.reset)}${tcp('sink', ports.sink)}---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -253,11 +269,31 @@ spec:
         host: tlsbulk.local
         port:
           number: ${tlsBulk.port}
+  - match:
+    - port: ${ports.pp}
+      sniHosts:
+      - pp.example.com
+    route:
+    - destination:
+        host: ppup.local
+        port:
+          number: ${ppUpstream.port}
   tcp:
 ${route(ports.bulk, 'tcpbulk', tcpBulk.port)}${route(ports.reply, 'reply', replyAfterEof.port)}${route(ports.first, 'first', speaksFirst.port)}${route(ports.reset, 'reset', resets.port)}${route(ports.sink, 'sink', sink.port)}`);
   await writeFile(path.join(cfg, 'services.yaml'), [
     serviceEntry('tlsbulk', tlsBulk.port, 'TLS'), serviceEntry('tcpbulk', tcpBulk.port, 'TCP'), serviceEntry('reply', replyAfterEof.port, 'TCP'),
     serviceEntry('first', speaksFirst.port, 'TCP'), serviceEntry('reset', resets.port, 'TCP'), serviceEntry('sink', sink.port, 'TCP'),
+    serviceEntry('ppup', ppUpstream.port, 'TLS'),
+    // The passthrough upstream asks for a PROXY v2 header ahead of the client's bytes.
+    `apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ppup
+  annotations:
+    tlsgate.io/proxy-protocol: v2
+spec:
+  host: ppup.local
+`,
   ].join('---\n'));
   return cfg;
 }
@@ -283,10 +319,30 @@ before(async () => {
   // An upstream that resets the connection on the first bytes.
   resets = await tcpServer((s) => s.once('data', () => s.resetAndDestroy()));
   sink = await tcpServer((s) => s.resume());
+  // PROXY v2 then TLS on the same bytes: the header must arrive whole and the replayed ClientHello
+  // right behind it, or the handshake fails. Answers with what it got once the client ends.
+  ppCert = await makeLeaf(dir, ca, 'pp', { cn: 'pp.example.com', sans: ['DNS:pp.example.com'], serial: 3 });
+  ppUpstream = await tcpServer((raw) => {
+    ppSeen.push((async () => {
+      const h = await readProxyHeader(raw, { timeoutMs: 10_000 });
+      if (h.kind !== 'proxy') throw new Error(`no PROXY header: ${h.kind}`);
+      raw.unshift(h.rest);
+      const s = new tls.TLSSocket(raw, { isServer: true, cert: ppCert.certPem, key: ppCert.keyPem });
+      s.on('error', () => {});
+      const question = (await readAll(s)).toString();
+      s.end(`got ${question}`);
+      if (!raw.destroyed) await once(raw, 'close');
+      return {
+        version: h.version, sourcePort: h.source?.port, authority: decodeSslTlvs(h.tlvs).authority,
+        question, rawRead: raw.bytesRead, rawWritten: raw.bytesWritten,
+      };
+    })());
+    ppSeen.at(-1)!.catch(() => {});
+  });
 });
 
 after(async () => {
-  for (const u of [tcpBulk, tlsBulk, replyAfterEof, speaksFirst, resets, sink]) u?.close();
+  for (const u of [tcpBulk, tlsBulk, replyAfterEof, speaksFirst, resets, sink, ppUpstream]) u?.close();
   await rm(dir, { recursive: true, force: true });
 });
 
@@ -298,8 +354,8 @@ for (const relay of RELAYS) {
       gw.waitForAccessLog((e) => e.kind === 'tcp' && e.downstream === downstream, 20_000);
 
     before(async () => {
-      const [pass, bulkP, reply, first, reset, sinkP] = await freePorts(6) as [number, number, number, number, number, number];
-      ports = { pass, bulk: bulkP, reply, first, reset, sink: sinkP };
+      const [pass, bulkP, reply, first, reset, sinkP, pp] = await freePorts(7) as [number, number, number, number, number, number, number];
+      ports = { pass, bulk: bulkP, reply, first, reset, sink: sinkP, pp };
       const cfg = await gatewayConfig(ports, `config-${relay}`);
       gw = await startTlsgate({ configPaths: [cfg], args: ['--relay', relay, '--drain-timeout', '300ms'] });
       await gw.waitForLog((l) => l.includes('tlsgate serving'));
@@ -375,6 +431,31 @@ for (const relay of RELAYS) {
       assert.equal(e.bytesSent, BANNER.length);
     });
 
+    it('passthrough with a PROXY v2 header to the upstream: header whole, ClientHello intact, bytes exact', async () => {
+      const raw = await connect(ports.pp);
+      const down = downstreamOf(raw);
+      const clientPort = raw.localPort;
+      const s = tls.connect({ socket: raw, servername: 'pp.example.com', ca: ca.certPem });
+      s.on('error', () => {});
+      await once(s, 'secureConnect');
+      const answer = readAll(s);
+      s.end('what did you get');
+      assert.equal((await answer).toString(), 'got what did you get');
+      const seen = await ppSeen.shift()!;
+      assert.equal(seen.version, 2);
+      assert.equal(seen.sourcePort, clientPort);
+      assert.equal(seen.authority, 'pp.example.com');
+      if (!raw.destroyed) await once(raw, 'close');
+      const e = await entryFor(down);
+      assert.equal(e.reason, 'ok');
+      assert.equal(e.bytesReceived, raw.bytesWritten);
+      assert.equal(e.bytesSent, raw.bytesRead);
+      // The header is ours: the upstream reads it on top of everything the client sent.
+      assert.equal(e.upstreamBytesSent, seen.rawRead);
+      assert.ok(seen.rawRead > raw.bytesWritten);
+      assert.equal(e.upstreamBytesReceived, seen.rawWritten);
+    });
+
     it('an upstream reset closes the client and is logged as upstream_reset', async () => {
       const s = await connect(ports.reset);
       const down = downstreamOf(s);
@@ -382,6 +463,26 @@ for (const relay of RELAYS) {
       await closedWithin(s, 10_000);
       const e = await entryFor(down);
       assert.equal(e.reason, 'upstream_reset');
+    });
+
+    // A peer that resets while the hand-off is under way ends the relay at once: its report must
+    // still reach JS (a report matched to a wrong id left the client open forever, ~1 in 100).
+    it('300 upstream resets in a row: every client is closed and every connection logged', { timeout: 120_000 }, async () => {
+      // Client ports repeat across tests, so count this route's entries instead of matching ports.
+      const resetEntries = () => gw.accessLogs().filter((e) => e.kind === 'tcp' && String(e.cluster).includes('reset.local'));
+      const before = resetEntries().length;
+      for (let i = 0; i < 300; i++) {
+        const s = await connect(ports.reset);
+        if (i % 3) await new Promise((r) => setTimeout(r, i % 3));
+        s.write('hello');
+        await closedWithin(s, 5_000);
+        s.destroy();
+      }
+      const deadline = Date.now() + 10_000;
+      while (resetEntries().length < before + 300 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      const mine = resetEntries().slice(before);
+      assert.equal(mine.length, 300);
+      assert.deepEqual([...new Set(mine.map((e) => e.reason))], ['upstream_reset']);
     });
 
     // Last in this block: it stops the gateway.
@@ -398,7 +499,8 @@ for (const relay of RELAYS) {
       const code = await gw.stop('SIGTERM');
       assert.equal(code, 0);
       await closed;
-      const e = gw.accessLogs().find((x) => x.kind === 'tcp' && x.downstream === down);
+      // The newest entry for this address: earlier tests may have used the same client port.
+      const e = gw.accessLogs().filter((x) => x.kind === 'tcp' && x.downstream === down).at(-1);
       assert.ok(e, 'an access-log entry for the drained connection');
       assert.ok((e.bytesReceived as number) >= 8 * MiB, `bytesReceived ${String(e.bytesReceived)}`);
       // Bytes read from the client but not yet written upstream when the connection was cut are
@@ -410,7 +512,7 @@ for (const relay of RELAYS) {
 
 describe('--relay native when the addon is missing', { skip: NATIVE ? 'the addon is built here' : false }, () => {
   it('refuses to start with a clear error', async () => {
-    const cfg = await gatewayConfig((await freePorts(6).then((p) => ({ pass: p[0]!, bulk: p[1]!, reply: p[2]!, first: p[3]!, reset: p[4]!, sink: p[5]! }))), 'config-missing');
+    const cfg = await gatewayConfig((await freePorts(7).then((p) => ({ pass: p[0]!, bulk: p[1]!, reply: p[2]!, first: p[3]!, reset: p[4]!, sink: p[5]!, pp: p[6]! }))), 'config-missing');
     const gw = await startTlsgate({ configPaths: [cfg], args: ['--relay', 'native'], readyTimeoutMs: 5_000 }).catch((e: Error) => e);
     assert.ok(gw instanceof Error, 'the gateway must not start');
     assert.match(gw.message, /--relay native: the native relay is not available/);
@@ -428,8 +530,11 @@ interface Harness {
   close(): void;
 }
 
-/** A listener that hands every connection to proxyTcp toward 127.0.0.1:upstreamPort. */
-async function harness(upstreamPort: number, idleTimeoutMs: number): Promise<Harness> {
+/**
+ * A listener that hands every connection to proxyTcp toward 127.0.0.1:upstreamPort.
+ * `connected` runs on each upstream socket before proxyTcp gets it (the connect "takes longer").
+ */
+async function harness(upstreamPort: number, idleTimeoutMs: number, connected?: (s: net.Socket) => Promise<void>): Promise<Harness> {
   const logs: AccessLogEntry[] = [];
   const waiters = new Set<() => void>();
   const telemetry: Telemetry = {
@@ -440,7 +545,13 @@ async function harness(upstreamPort: number, idleTimeoutMs: number): Promise<Har
     connectTcp: () => new Promise((resolve, reject) => {
       const s = net.connect({ host: '127.0.0.1', port: upstreamPort, allowHalfOpen: true });
       s.once('error', reject);
-      s.once('connect', () => { s.off('error', reject); resolve({ socket: s, endpoint: `127.0.0.1:${upstreamPort}` }); });
+      s.once('connect', () => {
+        s.off('error', reject);
+        void (connected ? connected(s) : Promise.resolve()).then(
+          () => resolve({ socket: s, endpoint: `127.0.0.1:${upstreamPort}` }),
+          (e: Error) => { s.destroy(); reject(e); },
+        );
+      });
     }),
   };
   const downs = new Set<net.Socket>();
@@ -525,6 +636,53 @@ for (const relay of RELAYS) {
         h.close();
       }
     });
+
+    // The upstream speaks first and its bytes (and, in one case, its FIN) are already in the
+    // upstream socket's stream buffer at the hand-off: they reach the client first, in order.
+    for (const fin of [true, false]) {
+      it(`upstream bytes${fin ? ' and FIN' : ''} buffered before the hand-off reach the client; bytes exact`, async () => {
+        const banner = Buffer.from(`${'220 '.repeat(1000)}ready${fin ? ', and done sending' : ''}\r\n`);
+        const got: Promise<Buffer>[] = [];
+        const up = await tcpServer((s) => {
+          if (fin) s.end(banner); else s.write(banner);
+          const all = readAll(s);
+          got.push(all);
+          if (!fin) void all.then(() => s.end(), () => {});
+        });
+        // Hold the upstream socket back until the banner (and FIN) sit in its read buffer.
+        const buffered = async (s: net.Socket) => {
+          for (let i = 0; i < 500; i++) {
+            const st = (s as unknown as { _readableState: { ended: boolean } })._readableState;
+            if (s.readableLength >= banner.length && (!fin || st.ended)) return;
+            await new Promise((r) => setTimeout(r, 10));
+          }
+          throw new Error(`upstream bytes not buffered: ${s.readableLength}`);
+        };
+        const h = await harness(up.port, 0, buffered);
+        try {
+          const s = await connect(h.port);
+          const down = downstreamOf(s);
+          const chunks: Buffer[] = [];
+          let total = 0;
+          s.on('data', (c: Buffer) => { chunks.push(c); total += c.length; });
+          for (let i = 0; i < 500 && total < banner.length; i++) await new Promise((r) => setTimeout(r, 10));
+          assert.ok(Buffer.concat(chunks).equals(banner), `client got ${total} bytes`);
+          const after = randomBytes(100_000);
+          const ended = new Promise<void>((resolve) => { s.once('end', resolve); s.once('close', resolve); });
+          s.end(after);
+          const upGot = await got.shift()!;
+          assert.ok(upGot.equals(after), `upstream got ${upGot.length} bytes`);
+          await ended;
+          assert.equal(total, banner.length);
+          const e = await h.waitLog((x) => x.downstream === down);
+          assert.equal(e.reason, 'ok');
+          assert.deepEqual([e.bytesReceived, e.bytesSent, e.upstreamBytesSent, e.upstreamBytesReceived], [after.length, banner.length, after.length, banner.length]);
+        } finally {
+          h.close();
+          up.close();
+        }
+      });
+    }
 
     it('closing the proxy-side sockets (closeAll) mid-transfer ends the relay and logs it once', { timeout: 60_000 }, async () => {
       const h = await harness(echo.port, 0);
