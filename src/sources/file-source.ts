@@ -58,20 +58,27 @@ export async function fileDigest(file: string): Promise<string> {
  * poll of unchanged files costs a stat each instead of a read and a SHA-256. Any write changes
  * mtime/ctime, and a `..data` symlink swap or rename-over changes the inode.
  */
+/** A file whose times are this recent is read even when its identity looks unchanged. */
+const RECENT_MS = 2_000;
+
 export class DigestCache {
   readonly #byFile = new Map<string, { stamp: string; digest: string }>();
 
   async digest(file: string): Promise<string> {
     let stamp: string;
+    let changedMs: number;
     try {
       const st = await fsp.stat(file, { bigint: true });
       stamp = `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`;
+      changedMs = Number(st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs) / 1e6;
     } catch (e) {
       this.#byFile.delete(file);
       return `<${(e as { code?: string }).code ?? 'error'}>`;
     }
     const hit = this.#byFile.get(file);
-    if (hit && hit.stamp === stamp) return hit.digest;
+    // File times tick with the kernel's coarse clock (milliseconds), so two same-size writes in
+    // one tick look alike: a file changed in the last seconds is always read.
+    if (hit && hit.stamp === stamp && Date.now() - changedMs > RECENT_MS) return hit.digest;
     const digest = await fileDigest(file);
     this.#byFile.set(file, { stamp, digest });
     return digest;

@@ -141,8 +141,10 @@ test('edits apply live: 20 route changes under a request loop, an 8 MiB transfer
   try {
     for (let i = 1; i <= 20; i++) {
       await writeFile(file, config(port, up.port, `v${i}`));
-      await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`).catch((e: Error) => {
-        throw new Error(`edit v${i} not applied: ${e.message}\n${gw.logs().slice(-30).join('\n')}`);
+      await waitFor(async () => (await get(port, '/direct')).body.toString() === `v${i}`).catch(async (e: Error) => {
+        const dump = await gw.admin('/config_dump').then((r) => r.body.slice(0, 400), (x: Error) => x.message);
+        const ops = gw.logs().filter((l) => !l.includes('"method"')).slice(-20);
+        throw new Error(`edit v${i} not applied: ${e.message}\nconfig_dump: ${dump}\n${ops.join('\n')}`);
       });
     }
   } finally {
