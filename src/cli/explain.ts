@@ -1,5 +1,5 @@
 /**
- * `tlsgate explain`: the path a connection would take, from the same buildSnapshot the `run`
+ * `tlsgate explain`: the path a connection would take, from the same buildSnapshotFrom the `run`
  * command serves. Certificates are loaded with CertStore so the output shows what would really be
  * served (or why it could not be). Exit 0 when a path exists, 1 when nothing matches, 2 on bad
  * arguments or a configuration that cannot be loaded.
@@ -247,7 +247,7 @@ export async function explainCommand(
     err.write(`tlsgate explain: cannot read the configuration: ${(e as Error).message}\n`);
     return 2;
   }
-  const loaded = { ...mergeResourceSets(read.parts), files: read.parts.flatMap((p) => p.files ?? []) };
+  const loaded = mergeResourceSets(read.parts);
   const built = await buildSnapshotFrom(loaded, translateOptions);
   // A configuration that cannot be read at all (no file, empty etcd prefixes) cannot be explained.
   const fatal = built.diagnostics.filter((d) => d.severity === 'error' && d.code.startsWith('TG1'));

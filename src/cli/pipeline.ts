@@ -4,22 +4,23 @@
  * runtime repeats the certificate check when it applies the snapshot; doing it here too lets
  * `validate` catch a missing key file before anything is deployed.
  */
-import { loadConfig } from '../config/load.js';
 import { sortDiagnostics, type Diagnostic } from '../config/diagnostics.js';
 import { translate, type TranslateOptions } from '../model/translate/index.js';
 import type { Snapshot } from '../model/snapshot.js';
 import { emptyResourceSet, type Resource, type ResourceSet } from '../config/resource.js';
 import { CertStore } from '../runtime/pki/cert-store.js';
 
+/** What one config source (a set of files, an etcd prefix) loaded. */
+export interface LoadedPart {
+  resources: ResourceSet;
+  diagnostics: Diagnostic[];
+  files?: string[];
+}
+
 export interface PipelineResult {
   snapshot: Snapshot;
   diagnostics: Diagnostic[];
   files: string[];
-}
-
-export async function buildSnapshot(paths: string[], options: Partial<TranslateOptions>, checkSecrets = true): Promise<PipelineResult> {
-  const loaded = await loadConfig(paths);
-  return buildSnapshotFrom(loaded, options, checkSecrets);
 }
 
 function identityOf(r: { apiVersion: string; kind: string; metadata: { namespace: string; name: string } }): string {
@@ -28,16 +29,19 @@ function identityOf(r: { apiVersion: string; kind: string; metadata: { namespace
 }
 
 /**
- * The union of resource sets from several sources (files, etcd prefixes), in order. A resource
- * defined by two sources is kept from the first and reported (TG1005) at the second.
+ * The union of resource sets from several sources (files, etcd prefixes), in order, with the
+ * files they were read from. A resource defined by two sources is kept from the first and
+ * reported (TG1005) at the second.
  */
-export function mergeResourceSets(parts: { resources: ResourceSet; diagnostics: Diagnostic[] }[]): { resources: ResourceSet; diagnostics: Diagnostic[] } {
+export function mergeResourceSets(parts: LoadedPart[]): LoadedPart {
   if (parts.length === 1) return parts[0]!;
   const out = emptyResourceSet() as unknown as Record<string, unknown[]>;
   const diagnostics: Diagnostic[] = [];
+  const files: string[] = [];
   const seen = new Map<string, string>();
   for (const part of parts) {
     diagnostics.push(...part.diagnostics);
+    files.push(...(part.files ?? []));
     for (const [field, list] of Object.entries(part.resources) as [string, Resource[] | undefined][]) {
       for (const r of list ?? []) {
         const id = identityOf(r);
@@ -56,12 +60,12 @@ export function mergeResourceSets(parts: { resources: ResourceSet; diagnostics: 
       }
     }
   }
-  return { resources: out as unknown as ResourceSet, diagnostics };
+  return { resources: out as unknown as ResourceSet, diagnostics, files };
 }
 
 /** Translates an already loaded resource set (from files, etcd, or both) and checks its certificates. */
 export async function buildSnapshotFrom(
-  loaded: { resources: ResourceSet; diagnostics: Diagnostic[]; files?: string[] },
+  loaded: LoadedPart,
   options: Partial<TranslateOptions>,
   checkSecrets = true,
 ): Promise<PipelineResult> {

@@ -27,9 +27,7 @@ export async function validateCommand(opts: ValidateOptions, out: NodeJS.Writabl
     err.write(`tlsgate validate: cannot read the configuration: ${(e as Error).message}\n`);
     return 1;
   }
-  const loaded = mergeResourceSets(read.parts);
-  const files = read.parts.flatMap((p) => p.files ?? []);
-  const r = await buildSnapshotFrom({ ...loaded, files }, { proxyNamespace: opts.namespace, ...(labels ? { labels } : {}) });
+  const r = await buildSnapshotFrom(mergeResourceSets(read.parts), { proxyNamespace: opts.namespace, ...(labels ? { labels } : {}) });
   let errors = 0, warnings = 0;
   for (const d of r.diagnostics) {
     if (d.severity === 'error') errors++;

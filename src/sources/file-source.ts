@@ -53,14 +53,14 @@ export async function fileDigest(file: string): Promise<string> {
   }
 }
 
+/** A file whose times are this recent is read even when its identity looks unchanged. */
+const RECENT_MS = 2_000;
+
 /**
  * Digests remembered by file identity (inode, size, mtime and ctime in ns, symlinks followed), so a
  * poll of unchanged files costs a stat each instead of a read and a SHA-256. Any write changes
  * mtime/ctime, and a `..data` symlink swap or rename-over changes the inode.
  */
-/** A file whose times are this recent is read even when its identity looks unchanged. */
-const RECENT_MS = 2_000;
-
 export class DigestCache {
   readonly #byFile = new Map<string, { stamp: string; digest: string }>();
 

@@ -209,6 +209,9 @@ describe('Gateway API backends', () => {
     const ok = codes.filter((c) => c === '200').length, failed = codes.filter((c) => c === '500').length;
     assert.equal(ok + failed, 60, `only 200 and 500 expected: ${codes.join(',')}`);
     assert.ok(ok > 0 && failed > 0, `both shares served: ${ok} x 200, ${failed} x 500`);
+    // Access-log lines reach us asynchronously: wait (bounded) until every 500 is in.
+    const invalidLogged = () => gw.accessLogs().filter((e) => e.path === '/split' && e.reason === 'invalid_backend').length;
+    for (const deadline = Date.now() + 5_000; invalidLogged() < failed && Date.now() < deadline;) await new Promise((res) => setTimeout(res, 20));
     const split = gw.accessLogs().filter((e) => e.path === '/split');
     assert.equal(split.filter((e) => e.reason === 'invalid_backend').length, failed, JSON.stringify(split.slice(0, 3)));
   });

@@ -278,10 +278,13 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     finish('no_healthy_upstream');
     return;
   }
-  if (env.clusters.get?.(target.cluster)?.invalidBackend !== undefined) {
+  const cluster = env.clusters.get?.(target.cluster);
+  if (cluster?.invalidBackend !== undefined) {
     finish('invalid_backend');
     return;
   }
+  // The destination's DestinationRule idle timeout wins over the route's default.
+  idleMs = cluster?.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs;
   const started = Date.now();
   env.clusters.connectTcp(target.cluster, {}).then(
     ({ socket, endpoint: ep }) => {
@@ -301,9 +304,6 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
         if (downClosed) finish();
         else closeAfterFlush(down);
       });
-      const cluster = env.clusters.get?.(target.cluster);
-      // The destination's DestinationRule idle timeout wins over the route's default.
-      idleMs = cluster?.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs;
       const pp = cluster?.proxyProtocol;
       const first: Buffer[] = [];
       if (pp) first.push(proxyHeaderFor(pp, info));
