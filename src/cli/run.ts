@@ -171,6 +171,9 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     const loaded = await sources.load();
     return { ...(await buildSnapshotFrom(mergeResourceSets(loaded.parts), translateOptions)), used: loaded.used };
   };
+  // The config files as the first build read them: an edit made before the watcher took its own
+  // first look (/ready answers before that) is compared against this, so it is not lost.
+  const loadedHash = sources.filePaths.length > 0 ? await contentHash(sources.filePaths) : undefined;
   const first = await build();
   for (const d of first.diagnostics) if (d.severity !== 'info') out.write(formatDiagnostic(d) + '\n');
   if (hasErrors(first.diagnostics)) {
@@ -214,7 +217,6 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   // The watcher's digests of certificate files (set once it started; read directly before that).
   let source: FileSource | undefined;
   const digestOf = (f: string) => source?.digestOf(f);
-  let currentKey = await snapshotKey(first.snapshot, digestOf);
   const record = (r: Omit<ApplyRecord, 'time' | 'generation'>): ApplyRecord => {
     lastApply = { time: new Date().toISOString(), generation: dataPlane.snapshot?.generation ?? 0, ...r };
     // Expiry of every certificate in use, labelled by Secret name (bounded: config-defined).
@@ -227,7 +229,9 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     telemetry.set('config_last_apply_timestamp_seconds', Date.now() / 1000);
     return lastApply;
   };
+  // Recorded before anything else is awaited: /ready answers 200 as soon as apply() returns.
   record({ trigger: 'start', ok: true, message: 'applied', diagnostics: [] });
+  let currentKey = await snapshotKey(first.snapshot, digestOf);
   sources.markServed(first.used);
   sources.setTelemetry(telemetry);
   telemetry.log('info', 'tlsgate serving', { listeners: dataPlane.boundPorts(), admin: `${opts.adminAddress}:${(admin.address() as { port: number }).port}`, generation: dataPlane.snapshot?.generation, relay });
@@ -313,6 +317,7 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
     source = new FileSource(sources.filePaths, () => void reload('change'), { pollMs: 500 });
     source.setExtraFiles(secretFiles(first.snapshot));
     await source.start();
+    if (loadedHash !== undefined && (await contentHash(sources.filePaths)) !== loadedHash) void reload('change');
   }
 
   let stopping: Promise<void> | undefined;

@@ -1,25 +1,65 @@
 // Port helpers for integration tests: every peer binds 127.0.0.1 on a port the kernel picked.
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 
-/** Asks the kernel for a free TCP port on 127.0.0.1 (listen(0), read it, close). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+// Ports are picked below the kernel's ephemeral range: a port that listen(0) handed out and we
+// released can be taken by any outgoing connect() before the peer we start binds it (the suite
+// makes thousands of connections), and a lost race shows up as EADDRINUSE in an unrelated test.
+const handedOut = new Set<number>();
+
+function ephemeralRange(): [number, number] {
+  try {
+    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (Number.isInteger(low) && Number.isInteger(high)) return [low!, high!];
+  } catch {
+    // not Linux: fall through to the usual default
+  }
+  return [32768, 60999];
+}
+
+/** The range we pick from: [15000, ephemeral low) when it is wide enough, else none. */
+const PICK_RANGE: [number, number] | undefined = (() => {
+  const [low] = ephemeralRange();
+  return low - 15000 >= 2000 ? [15000, low - 1] : undefined;
+})();
+
+function tryListen(port: number): Promise<number | undefined> {
+  return new Promise((resolve) => {
     const server = net.createServer();
     server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
+    server.once('error', () => resolve(undefined));
+    server.listen({ port, host: '127.0.0.1', exclusive: true }, () => {
       const address = server.address();
-      if (address === null || typeof address === 'string') {
-        server.close();
-        reject(new Error('listen(0) returned no TCP address'));
-        return;
-      }
-      server.close(() => resolve(address.port));
+      server.close(() => resolve(address !== null && typeof address !== 'string' ? address.port : undefined));
     });
   });
 }
 
-/** Several distinct free ports (the kernel does not hand out a port twice while it is bound). */
+/** A free TCP port on 127.0.0.1, never one this process handed out before. */
+export async function freePort(): Promise<number> {
+  if (PICK_RANGE !== undefined) {
+    const [from, to] = PICK_RANGE;
+    for (let attempt = 0; attempt < 200; attempt++) {
+      const port = from + Math.floor(Math.random() * (to - from + 1));
+      if (handedOut.has(port)) continue;
+      if ((await tryListen(port)) === port) {
+        handedOut.add(port);
+        return port;
+      }
+    }
+  }
+  // Fallback: let the kernel pick (listen(0)).
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const port = await tryListen(0);
+    if (port !== undefined && !handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+  throw new Error('could not find a free port on 127.0.0.1');
+}
+
+/** Several distinct free ports. */
 export async function freePorts(count: number): Promise<number[]> {
   const ports = new Set<number>();
   for (let attempt = 0; ports.size < count && attempt < count * 10; attempt++) ports.add(await freePort());

@@ -82,7 +82,21 @@ export function httpGet(
 }
 
 export async function startTlsgate(opts: StartTlsgateOptions): Promise<Gateway> {
-  const adminPort = await freePort();
+  // The admin port is ours to pick, so a lost race for it (another process bound it between our
+  // check and the child's bind) is retried on a new port; the test's own ports are not.
+  for (let attempt = 1; ; attempt++) {
+    const adminPort = await freePort();
+    try {
+      return await startOn(opts, adminPort);
+    } catch (error) {
+      const lostAdminPort = error instanceof Error && error.message.includes('EADDRINUSE') &&
+        error.message.includes(`127.0.0.1:${adminPort} `);
+      if (!lostAdminPort || attempt >= 3) throw error;
+    }
+  }
+}
+
+async function startOn(opts: StartTlsgateOptions, adminPort: number): Promise<Gateway> {
   const main = opts.main ?? CLI_MAIN;
   const args = [main, 'run'];
   for (const p of opts.configPaths) args.push('--config', p);
