@@ -13,6 +13,12 @@
  * bytes the other side has not taken), EOF forwarded as a half-close once the pipe is drained,
  * the connection done when both directions are done, an error or reset on either side ends it,
  * and an idle timeout over both directions. Only N-API (node_api.h) is used: no V8 ABI.
+ *
+ * connect() is the cheaper variant for a plain TCP upstream: JS hands over only the downstream
+ * descriptor, the address to dial and the bytes it already read (ClientHello, PROXY header); the
+ * relay thread opens the upstream socket itself, so Node never builds a socket object for it.
+ * It reports once when the connect succeeded ("connected"), then the usual final report; a
+ * connect that fails or times out is itself the final report.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -29,6 +35,9 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,8 +48,16 @@
 /* The longest the thread sleeps between idle scans when nothing is due sooner. */
 #define MAX_WAIT_MS 60000
 
-enum reason { END_OK = 0, END_DOWN_RESET, END_UP_RESET, END_IDLE, END_STOPPED, END_INTERNAL };
-static const char *const REASONS[] = { "ok", "downstream_reset", "upstream_reset", "idle_timeout", "stopped", "internal_error" };
+enum reason {
+  END_OK = 0, END_DOWN_RESET, END_UP_RESET, END_IDLE, END_STOPPED, END_INTERNAL, END_CONNECT_FAILED, END_CONNECT_TIMEOUT,
+  CONNECTED /* not an end: the progress report of connect() */
+};
+static const char *const REASONS[] = {
+  "ok", "downstream_reset", "upstream_reset", "idle_timeout", "stopped", "internal_error", "upstream_connect_failed",
+  "upstream_connect_timeout", "connected",
+};
+/* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
+#define KEEPALIVE_IDLE_S 60
 
 struct conn;
 
@@ -58,6 +75,9 @@ struct dir {
   size_t inpipe;   /* bytes spliced in, not yet out */
   uint64_t in, out; /* bytes read from src / written to dst */
   bool eof, done;
+  /* Bytes JS already read, written to dst ahead of anything spliced (connect() only). */
+  uint8_t *head;
+  size_t head_len, head_off;
 };
 
 struct conn {
@@ -66,6 +86,11 @@ struct conn {
   struct dir d2u, u2d;
   struct side sides[2];
   int64_t idle_ms, last_ms;
+  /* connect(): the upstream is being dialled; nothing is pumped until it is connected. */
+  bool connecting;
+  int64_t connect_ms, connect_due;
+  struct sockaddr_storage addr;
+  socklen_t addrlen;
   bool closed, queued;
   struct conn *hnext;       /* hash chain */
   struct conn *prev, *next; /* all live connections */
@@ -112,7 +137,11 @@ static void close_fd(int *fd) {
   *fd = -1;
 }
 
+/* Releases what a connection holds besides its struct: descriptors and the unsent head. */
 static void free_conn_fds(struct conn *c) {
+  free(c->d2u.head);
+  c->d2u.head = NULL;
+  c->d2u.head_len = c->d2u.head_off = 0;
   close_fd(&c->fd[0]);
   close_fd(&c->fd[1]);
   close_fd(&c->d2u.pr);
@@ -135,6 +164,19 @@ static struct conn *hash_find(struct relay *r, uint32_t id) {
   return c;
 }
 
+/* Queues a report for JS: the final one, or CONNECTED (not an end). A failed malloc drops it. */
+static void report(struct relay *r, struct conn *c, int reason) {
+  struct result *res = malloc(sizeof *res);
+  if (!res) return;
+  res->id = c->id;
+  res->reason = reason;
+  res->down_read = c->d2u.in;
+  res->up_written = c->d2u.out;
+  res->up_read = c->u2d.in;
+  res->down_written = c->u2d.out;
+  if (napi_call_threadsafe_function(r->tsfn, res, napi_tsfn_nonblocking) != napi_ok) free(res);
+}
+
 /* Ends a connection: out of epoll, descriptors closed, one report to JS. Freed after the batch. */
 static void finish(struct relay *r, struct conn *c, int reason) {
   if (c->closed) return;
@@ -149,16 +191,7 @@ static void finish(struct relay *r, struct conn *c, int reason) {
   if (c->prev) c->prev->next = c->next; else if (r->all == c) r->all = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
-  struct result *res = malloc(sizeof *res);
-  if (res) {
-    res->id = c->id;
-    res->reason = reason;
-    res->down_read = c->d2u.in;
-    res->up_written = c->d2u.out;
-    res->up_read = c->u2d.in;
-    res->down_written = c->u2d.out;
-    if (napi_call_threadsafe_function(r->tsfn, res, napi_tsfn_nonblocking) != napi_ok) free(res);
-  }
+  report(r, c, reason);
   if (!c->queued) {
     c->qnext = r->dead;
     r->dead = c;
@@ -192,7 +225,24 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
         return -1;
       }
     }
-    if (d->inpipe > 0) {
+    if (d->head_off < d->head_len) {
+      ssize_t n = send(d->dst, d->head + d->head_off, d->head_len - d->head_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n > 0) {
+        d->head_off += (size_t)n;
+        d->out += (uint64_t)n;
+        moved += n;
+        progress = true;
+        if (d->head_off == d->head_len) {
+          free(d->head);
+          d->head = NULL;
+          d->head_len = d->head_off = 0;
+        }
+      } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        finish(r, c, dst_reason);
+        return -1;
+      }
+    }
+    if (d->inpipe > 0 && d->head_len == 0) {
       ssize_t n = splice(d->pr, NULL, d->dst, NULL, d->inpipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         d->inpipe -= (size_t)n;
@@ -204,7 +254,7 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
         return -1;
       }
     }
-    if (d->eof && d->inpipe == 0 && !d->done) {
+    if (d->eof && d->inpipe == 0 && d->head_len == 0 && !d->done) {
       /* Forward the FIN; the other direction keeps going (half-close). A peer that is already
        * gone makes this fail, and the other direction's own I/O reports that. */
       shutdown(d->dst, SHUT_WR);
@@ -228,7 +278,7 @@ static void queue_ready(struct relay *r, struct conn *c) {
 
 /* The two directions are independent (separate pipes and socket buffers): one pass each. */
 static void pump(struct relay *r, struct conn *c) {
-  if (c->closed) return;
+  if (c->closed || c->connecting) return;
   bool more = false;
   long a = pump_dir(r, c, &c->d2u, END_DOWN_RESET, END_UP_RESET, &more);
   if (a < 0) return;
@@ -244,8 +294,51 @@ static void check_error(struct relay *r, struct side *s) {
   int err = 0;
   socklen_t len = sizeof err;
   if (getsockopt(c->fd[s->which], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
-    finish(r, c, s->which == 0 ? END_DOWN_RESET : END_UP_RESET);
+    finish(r, c, s->which == 0 ? END_DOWN_RESET : c->connecting ? END_CONNECT_FAILED : END_UP_RESET);
   }
+}
+
+static void note_deadline(struct relay *r, int64_t due) {
+  if (r->next_deadline < 0 || due < r->next_deadline) r->next_deadline = due;
+}
+
+/* The upstream is connected: tell JS, start the idle clock, and relay (the head goes first). */
+static void connected(struct relay *r, struct conn *c) {
+  c->connecting = false;
+  c->last_ms = now_ms();
+  if (c->idle_ms > 0) note_deadline(r, c->last_ms + c->idle_ms);
+  report(r, c, CONNECTED);
+  pump(r, c);
+}
+
+/* An event on a connection still dialling: only the upstream's outcome matters (and a downstream
+ * error, which ends it); downstream bytes wait in its socket until the relay starts. */
+static void connect_event(struct relay *r, struct side *s, uint32_t ev) {
+  struct conn *c = s->conn;
+  if (s->which == 0) {
+    if (ev & EPOLLERR) check_error(r, s);
+    return;
+  }
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+  if (err != 0 || (!(ev & EPOLLOUT) && (ev & (EPOLLERR | EPOLLHUP)))) finish(r, c, END_CONNECT_FAILED);
+  else if (ev & EPOLLOUT) connected(r, c);
+}
+
+/* Opens and dials the upstream socket: 0 connected at once, 1 under way, -1 failed. */
+static int start_connect(struct conn *c) {
+  int fd = socket(c->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+  if (fd < 0) return -1;
+  c->fd[1] = fd;
+  c->d2u.dst = fd;
+  c->u2d.src = fd;
+  int one = 1, idle = KEEPALIVE_IDLE_S;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  if (connect(fd, (struct sockaddr *)&c->addr, c->addrlen) == 0) return 0;
+  return errno == EINPROGRESS || errno == EINTR ? 1 : -1;
 }
 
 static void add_conn(struct relay *r, struct conn *c) {
@@ -256,9 +349,18 @@ static void add_conn(struct relay *r, struct conn *c) {
   c->next = r->all;
   if (r->all) r->all->prev = c;
   r->all = c;
-  if (c->idle_ms > 0) {
-    int64_t due = c->last_ms + c->idle_ms;
-    if (r->next_deadline < 0 || due < r->next_deadline) r->next_deadline = due;
+  int dial = 0;
+  if (c->connecting) {
+    c->connect_due = c->last_ms + c->connect_ms;
+    note_deadline(r, c->connect_due);
+    /* Registered only once dialled: an unconnected TCP socket polls as writable and hung up. */
+    dial = start_connect(c);
+    if (dial < 0) {
+      finish(r, c, END_CONNECT_FAILED);
+      return;
+    }
+  } else if (c->idle_ms > 0) {
+    note_deadline(r, c->last_ms + c->idle_ms);
   }
   for (int i = 0; i < 2; i++) {
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLET, .data.ptr = &c->sides[i] };
@@ -267,7 +369,8 @@ static void add_conn(struct relay *r, struct conn *c) {
       return;
     }
   }
-  pump(r, c);
+  if (!c->connecting) pump(r, c);
+  else if (dial == 0) connected(r, c);
 }
 
 static void run_commands(struct relay *r) {
@@ -290,13 +393,16 @@ static void run_commands(struct relay *r) {
   }
 }
 
-/* Ends idle connections and works out when the next one could be due. */
+/* Ends idle connections and connects past their timeout; works out when the next is due. */
 static void scan_idle(struct relay *r, int64_t now) {
   int64_t next = -1;
   struct conn *c = r->all;
   while (c) {
     struct conn *n = c->next;
-    if (c->idle_ms > 0) {
+    if (c->connecting) {
+      if (c->connect_due <= now) finish(r, c, END_CONNECT_TIMEOUT);
+      else if (next < 0 || c->connect_due < next) next = c->connect_due;
+    } else if (c->idle_ms > 0) {
       int64_t due = c->last_ms + c->idle_ms;
       if (due <= now) finish(r, c, END_IDLE);
       else if (next < 0 || due < next) next = due;
@@ -326,6 +432,10 @@ static void *relay_main(void *arg) {
         continue;
       }
       if (s->conn->closed) continue;
+      if (s->conn->connecting) {
+        connect_event(r, s, evs[i].events);
+        continue;
+      }
       if (evs[i].events & EPOLLERR) check_error(r, s);
       pump(r, s->conn);
     }
@@ -366,7 +476,7 @@ static void call_js(napi_env env, napi_value cb, void *context, void *data) {
   struct relay *r = context;
   struct result *res = data;
   if (env != NULL && cb != NULL) {
-    if (r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
+    if (res->reason != CONNECTED && r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
     napi_value argv[6], undef;
     napi_create_uint32(env, res->id, &argv[0]);
     napi_create_double(env, (double)res->down_read, &argv[1]);
@@ -439,6 +549,68 @@ static bool make_pipe(struct dir *d) {
   return true;
 }
 
+/*
+ * A connection for the relay thread: the downstream dup, pipes, an id. upFd < 0: connect() dials
+ * the upstream later, on the relay thread. NULL (with a JS exception pending) when setup failed:
+ * nothing is left open.
+ */
+static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_t up, int64_t idle) {
+  if (!r->tsfn) {
+    napi_throw_error(env, NULL, "relay not initialised");
+    return NULL;
+  }
+  if (!ensure_thread(env, r)) return NULL;
+  struct conn *c = calloc(1, sizeof *c);
+  if (!c) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  c->fd[0] = c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
+  c->fd[0] = fcntl((int)down, F_DUPFD_CLOEXEC, 0);
+  if (up >= 0) c->fd[1] = fcntl((int)up, F_DUPFD_CLOEXEC, 0);
+  if (c->fd[0] < 0 || (up >= 0 && c->fd[1] < 0) || !make_pipe(&c->d2u) || !make_pipe(&c->u2d)) {
+    int saved = errno;
+    free_conn_fds(c);
+    free(c);
+    errno = saved;
+    throw_errno(env, "relay setup");
+    return NULL;
+  }
+  c->id = ++r->next_id;
+  if (c->id == 0) c->id = ++r->next_id;
+  c->d2u.src = c->fd[0];
+  c->d2u.dst = c->fd[1];
+  c->u2d.src = c->fd[1];
+  c->u2d.dst = c->fd[0];
+  c->idle_ms = idle;
+  c->sides[0] = (struct side){ c, 0 };
+  c->sides[1] = (struct side){ c, 1 };
+  return c;
+}
+
+/* Hands a set-up connection to the relay thread; returns its id (or NULL, nothing started). */
+static napi_value submit(napi_env env, struct relay *r, struct conn *c) {
+  struct cmd *cmd = malloc(sizeof *cmd);
+  if (!cmd) {
+    free_conn_fds(c);
+    free(c);
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  cmd->kind = 0;
+  cmd->conn = c;
+  /* While connections are relayed, the pending report keeps the process alive, as an open
+   * socket would; with none, the relay never holds the event loop. */
+  if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
+  /* Once pushed, `c` belongs to the relay thread, which may finish and free it at once (a peer
+   * that already reset): nothing of it is read here after push_cmd. */
+  uint32_t cid = c->id;
+  push_cmd(r, cmd);
+  napi_value id;
+  napi_create_uint32(env, cid, &id);
+  return id;
+}
+
 /* start(downFd, upFd, idleTimeoutMs, downEof, upEof) -> id */
 static napi_value js_start(napi_env env, napi_callback_info info) {
   struct relay *r;
@@ -453,53 +625,73 @@ static napi_value js_start(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "start(downFd, upFd, idleTimeoutMs, downEof, upEof)");
     return NULL;
   }
-  if (!r->tsfn) {
-    napi_throw_error(env, NULL, "relay not initialised");
-    return NULL;
-  }
-  if (!ensure_thread(env, r)) return NULL;
-  struct conn *c = calloc(1, sizeof *c);
-  struct cmd *cmd = malloc(sizeof *cmd);
-  if (!c || !cmd) {
-    free(c);
-    free(cmd);
-    napi_throw_error(env, NULL, "out of memory");
-    return NULL;
-  }
-  c->fd[0] = c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
-  c->fd[0] = fcntl((int)down, F_DUPFD_CLOEXEC, 0);
-  c->fd[1] = fcntl((int)up, F_DUPFD_CLOEXEC, 0);
-  if (c->fd[0] < 0 || c->fd[1] < 0 || !make_pipe(&c->d2u) || !make_pipe(&c->u2d)) {
-    int saved = errno;
-    free_conn_fds(c);
-    free(c);
-    free(cmd);
-    errno = saved;
-    return throw_errno(env, "relay setup");
-  }
-  c->id = ++r->next_id;
-  if (c->id == 0) c->id = ++r->next_id;
-  c->d2u.src = c->fd[0];
-  c->d2u.dst = c->fd[1];
-  c->u2d.src = c->fd[1];
-  c->u2d.dst = c->fd[0];
+  struct conn *c = new_conn(env, r, down, up, idle);
+  if (!c) return NULL;
   c->d2u.eof = down_eof;
   c->u2d.eof = up_eof;
-  c->idle_ms = idle;
-  c->sides[0] = (struct side){ c, 0 };
-  c->sides[1] = (struct side){ c, 1 };
-  cmd->kind = 0;
-  cmd->conn = c;
-  /* While connections are relayed, the pending report keeps the process alive, as an open
-   * socket would; with none, the relay never holds the event loop. */
-  if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
-  /* Once pushed, `c` belongs to the relay thread, which may finish and free it at once (a peer
-   * that already reset): nothing of it is read here after push_cmd. */
-  uint32_t cid = c->id;
-  push_cmd(r, cmd);
-  napi_value id;
-  napi_create_uint32(env, cid, &id);
-  return id;
+  return submit(env, r, c);
+}
+
+/* connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head) -> id */
+static napi_value js_connect(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 7;
+  napi_value argv[7];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head)";
+  int64_t down, port, ctimeout, idle;
+  bool down_eof = false, is_buf = false;
+  char ip[64];
+  size_t iplen = 0;
+  if (argc < 7 || get_int(env, argv[0], &down) || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
+      get_int(env, argv[2], &port) || get_int(env, argv[3], &ctimeout) || get_int(env, argv[4], &idle) ||
+      napi_get_value_bool(env, argv[5], &down_eof) != napi_ok || napi_is_buffer(env, argv[6], &is_buf) != napi_ok || !is_buf ||
+      down < 0 || down > INT32_MAX || port <= 0 || port > 65535 || ctimeout <= 0 || idle < 0 || iplen >= sizeof ip - 1) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  struct sockaddr_storage addr;
+  socklen_t addrlen;
+  memset(&addr, 0, sizeof addr);
+  struct sockaddr_in *a4 = (struct sockaddr_in *)&addr;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&addr;
+  if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    addrlen = sizeof *a4;
+  } else if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    addrlen = sizeof *a6;
+  } else {
+    napi_throw_type_error(env, NULL, "connect: not an IPv4 or IPv6 address");
+    return NULL;
+  }
+  void *data = NULL;
+  size_t len = 0;
+  napi_get_buffer_info(env, argv[6], &data, &len);
+  uint8_t *head = NULL;
+  if (len > 0) {
+    head = malloc(len);
+    if (!head) {
+      napi_throw_error(env, NULL, "out of memory");
+      return NULL;
+    }
+    memcpy(head, data, len);
+  }
+  struct conn *c = new_conn(env, r, down, -1, idle);
+  if (!c) {
+    free(head);
+    return NULL;
+  }
+  c->d2u.eof = down_eof;
+  c->d2u.head = head;
+  c->d2u.head_len = len;
+  c->connecting = true;
+  c->connect_ms = ctimeout;
+  c->addr = addr;
+  c->addrlen = addrlen;
+  return submit(env, r, c);
 }
 
 /* stop(id): ends a relayed connection (drain, closeAll); a no-op for one already reported. */
@@ -527,7 +719,8 @@ static napi_value js_stop(napi_env env, napi_callback_info info) {
 
 static void cleanup(void *arg);
 
-/* init(onDone): onDone(id, downRead, upWritten, upRead, downWritten, reason) once per connection. */
+/* init(onDone): onDone(id, downRead, upWritten, upRead, downWritten, reason) once per connection,
+ * plus once with reason "connected" (not an end) when a connect() connection reached its upstream. */
 static napi_value js_init(napi_env env, napi_callback_info info) {
   struct relay *r;
   size_t argc = 1;
@@ -605,6 +798,7 @@ static napi_value init_module(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "init", NULL, js_init, NULL, NULL, NULL, napi_enumerable, r },
     { "start", NULL, js_start, NULL, NULL, NULL, napi_enumerable, r },
+    { "connect", NULL, js_connect, NULL, NULL, NULL, napi_enumerable, r },
     { "stop", NULL, js_stop, NULL, NULL, NULL, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -3,8 +3,12 @@
 // half-close both ways, an upstream reset, the idle timeout, closing while bytes flow (drain,
 // closeAll), a PROXY header ahead of a replayed ClientHello, bytes the upstream sent before the
 // hand-off, and exact byte counts in the access log. Every case runs under both relays; the
-// native ones are skipped when the addon was not built.
+// native ones are skipped when the addon was not built. Native connect (the addon dials a plain
+// TCP upstream itself): bytes and order, IPv6, refused (no descriptor leaked), timeout, a close
+// while dialling, and the cluster's connection limit and active counts.
 import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
@@ -15,7 +19,10 @@ import { once } from 'node:events';
 import { certDir, makeCa, makeLeaf, type Ca, type KeyPair } from '../helpers/certs.js';
 import { freePorts } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { stopChild, trackChild } from '../helpers/exec.js';
 import { proxyTcp, type TcpConnector } from '../../src/runtime/chain/tcp-proxy.js';
+import { ClusterManager } from '../../src/runtime/upstream/cluster-manager.js';
+import type { Cluster } from '../../src/model/snapshot.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason, relayInUse, setRelayMode } from '../../src/runtime/chain/native-relay.js';
 import { decodeSslTlvs, readProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../../src/runtime/connection-info.js';
@@ -715,3 +722,293 @@ for (const relay of RELAYS) {
     });
   });
 }
+
+// ---------------------------------------------------------------- native connect, in process
+
+/** A listener on 127.0.0.1 that completes no further handshake: connect() to it hangs. */
+async function startBlackhole(): Promise<{ port: number; close(): Promise<void> }> {
+  // The child blocks its event loop right after listening: nothing is ever accepted.
+  const child: ChildProcess = spawn(process.execPath, ['-e', `
+    const s = require('node:net').createServer();
+    s.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => {
+      process.stdout.write(s.address().port + '\\n', () => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0));
+    });`], { stdio: ['ignore', 'pipe', 'ignore'] });
+  trackChild(child);
+  const port = await new Promise<number>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('blackhole listener did not start')), 10_000);
+    child.stdout!.once('data', (d: Buffer) => { clearTimeout(t); resolve(Number(String(d).trim())); });
+  });
+  // Fill the accept queue: connections complete until it is full, then a SYN goes unanswered.
+  const held: net.Socket[] = [];
+  let full = false;
+  for (let i = 0; i < 32 && !full; i++) {
+    const s = net.connect(port, '127.0.0.1');
+    s.on('error', () => {});
+    held.push(s);
+    full = !(await new Promise<boolean>((resolve) => {
+      const t = setTimeout(() => resolve(false), 300);
+      s.once('connect', () => { clearTimeout(t); resolve(true); });
+    }));
+  }
+  if (!full) throw new Error('the blackhole accept queue never filled');
+  return { port, close: async () => { for (const s of held) s.destroy(); await stopChild(child, 'SIGKILL', 5_000); } };
+}
+
+function plainCluster(port: number, over: Partial<Cluster> = {}, address = '127.0.0.1'): Cluster {
+  return {
+    name: 'up', serviceHost: 'up.test', servicePort: port, discovery: 'STATIC',
+    endpoints: [{ address, port, weight: 1, labels: {} }],
+    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: 2_000, httpProtocol: 'http1', limits: {},
+    ...over,
+  };
+}
+
+interface DialHarness extends Harness {
+  cm: ClusterManager;
+  calls: { reserve: number; connect: number };
+  counts: string[];
+  observed: string[];
+}
+
+/** proxyTcp toward a real ClusterManager (one cluster, `up`), counting how it dials. */
+async function dialHarness(cluster: Cluster, replay?: Buffer): Promise<DialHarness> {
+  const logs: AccessLogEntry[] = [];
+  const counts: string[] = [];
+  const observed: string[] = [];
+  const waiters = new Set<() => void>();
+  const telemetry: Telemetry = {
+    accessLog: (e) => { logs.push(e); for (const w of waiters) w(); },
+    count: (name) => { counts.push(name); }, observe: (name) => { observed.push(name); }, gauge() {}, log() {},
+  };
+  const cm = new ClusterManager({ up: cluster });
+  const calls = { reserve: 0, connect: 0 };
+  const clusters: TcpConnector = {
+    connectTcp: (c, o) => { calls.connect++; return cm.connectTcp(c, o); },
+    reserveTcp: (c) => { calls.reserve++; return cm.reserveTcp(c); },
+    get: (c) => cm.get(c),
+  };
+  const downs = new Set<net.Socket>();
+  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => {
+    s.on('error', () => {});
+    downs.add(s);
+    s.once('close', () => downs.delete(s));
+    const info: ConnectionInfo = {
+      id: String(downs.size), startMs: Date.now(), listener: 'test',
+      downstreamRemoteAddress: s.remoteAddress ?? '', downstreamRemotePort: s.remotePort ?? 0,
+      downstreamLocalAddress: s.localAddress ?? '', downstreamLocalPort: s.localPort ?? 0,
+    };
+    proxyTcp(s, replay, { kind: 'tcp', name: 'test', clusters: [{ cluster: 'up', weight: 1 }], idleTimeoutMs: 0 }, info, { clusters, telemetry });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    logs, downs, cm, calls, counts, observed,
+    waitLog: (pred, ms = 10_000) => new Promise((resolve, reject) => {
+      const check = () => {
+        const e = logs.find(pred);
+        if (!e) return;
+        waiters.delete(check);
+        clearTimeout(t);
+        resolve(e);
+      };
+      const t = setTimeout(() => { waiters.delete(check); reject(new Error(`no access-log entry within ${ms} ms: ${JSON.stringify(logs)}`)); }, ms);
+      waiters.add(check);
+      check();
+    }),
+    close: () => { server.close(); for (const s of downs) s.destroy(); void cm.close(0); },
+  };
+}
+
+const openFds = (): number => readdirSync('/proc/self/fd').length;
+
+describe('native connect: the addon dials plain TCP upstreams (in process, real ClusterManager)', { skip: skipFor('native') }, () => {
+  before(() => {
+    setRelayMode('native');
+  });
+  after(() => { setRelayMode('auto'); });
+
+  it('replayed bytes, then the client bytes and its FIN sent before the connect, arrive in order; bytes exact', async () => {
+    const replay = Buffer.from('REPLAYED:');
+    const up = await tcpServer((s) => {
+      const chunks: Buffer[] = [];
+      s.on('data', (c: Buffer) => chunks.push(c));
+      s.once('end', () => s.end(`got ${Buffer.concat(chunks).toString()}`));
+    });
+    const h = await dialHarness(plainCluster(up.port), replay);
+    try {
+      const s = await connect(h.port);
+      const down = downstreamOf(s);
+      const reply = readAll(s);
+      s.end('question');
+      assert.equal((await reply).toString(), 'got REPLAYED:question');
+      const e = await h.waitLog((x) => x.downstream === down);
+      assert.equal(e.reason, 'ok');
+      assert.equal(e.upstream, `127.0.0.1:${up.port}`);
+      assert.deepEqual([e.bytesReceived, e.bytesSent, e.upstreamBytesSent, e.upstreamBytesReceived],
+        ['question'.length, 'got REPLAYED:question'.length, 'REPLAYED:question'.length, 'got REPLAYED:question'.length]);
+      // Dialled by the addon: no JS upstream socket was asked for.
+      assert.deepEqual(h.calls, { reserve: 1, connect: 0 });
+      assert.ok(h.observed.includes('upstream_connect_seconds'));
+      assert.equal(h.cm.stats('up')!.active, 0);
+    } finally {
+      h.close();
+      up.close();
+    }
+  });
+
+  it('an IPv6 endpoint ([::1]) is dialled natively too', async (t) => {
+    const server = net.createServer({ allowHalfOpen: true }, (s) => { s.on('error', () => {}); s.pipe(s); });
+    const ok = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(0, '::1', () => resolve(true));
+    });
+    if (!ok) {
+      t.skip('no IPv6 loopback here');
+      return;
+    }
+    const port = (server.address() as net.AddressInfo).port;
+    const h = await dialHarness(plainCluster(port, {}, '::1'));
+    try {
+      const s = await connect(h.port);
+      const down = downstreamOf(s);
+      const reply = readAll(s);
+      s.end('over six');
+      assert.equal((await reply).toString(), 'over six');
+      const e = await h.waitLog((x) => x.downstream === down);
+      assert.equal(e.reason, 'ok');
+      assert.equal(e.upstream, `[::1]:${port}`);
+      assert.deepEqual(h.calls, { reserve: 1, connect: 0 });
+    } finally {
+      h.close();
+      server.close();
+    }
+  });
+
+  it('refused: upstream_connect_failed, errors counted, active released; 300 refused dials leak no descriptor', { timeout: 120_000 }, async () => {
+    const closedPort = await new Promise<number>((resolve) => {
+      const srv = net.createServer();
+      srv.listen(0, '127.0.0.1', () => { const p = (srv.address() as net.AddressInfo).port; srv.close(() => resolve(p)); });
+    });
+    const h = await dialHarness(plainCluster(closedPort));
+    try {
+      const once1 = async () => {
+        const s = await connect(h.port);
+        const down = downstreamOf(s);
+        s.write('hello');
+        await closedWithin(s, 5_000);
+        s.destroy();
+        return h.waitLog((x) => x.downstream === down);
+      };
+      const first = await once1();
+      assert.equal(first.reason, 'upstream_connect_failed');
+      assert.equal(first.upstream, undefined);
+      assert.equal(first.bytesSent, 0);
+      assert.equal(first.upstreamBytesSent, 0);
+      assert.deepEqual(h.counts.filter((c) => c === 'upstream_connect_errors_total').length, 1);
+      // The relay thread, its epoll set and wake fd exist now: count from here.
+      await new Promise((r) => setTimeout(r, 100));
+      const before = openFds();
+      for (let i = 0; i < 300; i++) {
+        const s = await connect(h.port);
+        s.write('x');
+        await closedWithin(s, 5_000);
+        s.destroy();
+      }
+      const deadline = Date.now() + 10_000;
+      while (h.logs.length < 301 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(h.logs.length, 301);
+      assert.deepEqual([...new Set(h.logs.map((e) => e.reason))], ['upstream_connect_failed']);
+      while (h.downs.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      await new Promise((r) => setTimeout(r, 200));
+      const after = openFds();
+      // A leak on this path would be one to six descriptors per connection (1800 here).
+      assert.ok(after - before < 10, `descriptors before ${before}, after ${after}`);
+      assert.equal(h.counts.filter((c) => c === 'upstream_connect_errors_total').length, 301);
+      assert.equal(h.cm.stats('up')!.active, 0);
+      assert.deepEqual(h.calls, { reserve: 301, connect: 0 });
+    } finally {
+      h.close();
+    }
+  });
+
+  it('timeout: an unanswered SYN ends with upstream_connect_timeout after connectTimeout; a close while dialling stops it', { timeout: 60_000 }, async () => {
+    const hole = await startBlackhole();
+    const h = await dialHarness(plainCluster(hole.port, { connectTimeoutMs: 500 }));
+    try {
+      const started = Date.now();
+      const s = await connect(h.port);
+      const down = downstreamOf(s);
+      s.write('anyone there?');
+      await closedWithin(s, 10_000);
+      const waited = Date.now() - started;
+      const e = await h.waitLog((x) => x.downstream === down);
+      assert.equal(e.reason, 'upstream_connect_timeout');
+      assert.ok(waited >= 400, `closed ${waited} ms after connecting`);
+      assert.equal(e.upstream, undefined);
+      assert.equal(h.counts.filter((c) => c === 'upstream_connect_errors_total').length, 1);
+      assert.equal(h.cm.stats('up')!.active, 0);
+
+      // closeAll / drain while the addon still dials: the dial stops, one entry, count released.
+      const c2 = await connect(h.port);
+      const down2 = downstreamOf(c2);
+      c2.write('still dialling');
+      for (let i = 0; i < 100 && h.downs.size === 0; i++) await new Promise((r) => setTimeout(r, 5));
+      assert.equal(h.cm.stats('up')!.active, 1);
+      for (const d of h.downs) d.destroy();
+      await closedWithin(c2, 5_000);
+      const e2 = await h.waitLog((x) => x.downstream === down2);
+      assert.equal(e2.reason, 'ok');
+      assert.equal(h.cm.stats('up')!.active, 0);
+      await new Promise((r) => setTimeout(r, 700));
+      assert.equal(h.logs.filter((x) => x.downstream === down2).length, 1);
+      assert.deepEqual(h.calls, { reserve: 2, connect: 0 });
+    } finally {
+      h.close();
+      await hole.close();
+    }
+  });
+
+  it('maxConnections: natively dialled connections count as active; one over the limit is upstream_overflow; closing frees a slot', { timeout: 60_000 }, async () => {
+    const held: net.Socket[] = [];
+    const up = await tcpServer((s) => { held.push(s); s.resume(); s.once('end', () => s.end()); });
+    const h = await dialHarness(plainCluster(up.port, { limits: { maxConnections: 2 } }));
+    const waitFor = async (cond: () => boolean, what: string) => {
+      for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+      assert.ok(cond(), what);
+    };
+    try {
+      const a = await connect(h.port);
+      const b = await connect(h.port);
+      a.write('a');
+      b.write('b');
+      await waitFor(() => held.length === 2, `upstream saw ${held.length} connections`);
+      assert.equal(h.cm.stats('up')!.active, 2);
+      const c = await connect(h.port);
+      const downC = downstreamOf(c);
+      c.write('c');
+      await closedWithin(c, 5_000);
+      const ec = await h.waitLog((x) => x.downstream === downC);
+      assert.equal(ec.reason, 'upstream_overflow');
+      assert.equal(held.length, 2);
+      assert.equal(h.cm.stats('up')!.active, 2);
+
+      const downA = downstreamOf(a);
+      a.end();
+      const ea = await h.waitLog((x) => x.downstream === downA);
+      assert.equal(ea.reason, 'ok');
+      assert.equal(ea.upstreamBytesSent, 1);
+      assert.equal(h.cm.stats('up')!.active, 1);
+      const d = await connect(h.port);
+      d.write('d');
+      await waitFor(() => held.length === 3, 'the freed slot was not reused');
+      assert.equal(h.cm.stats('up')!.active, 2);
+      b.destroy();
+      d.destroy();
+      await waitFor(() => h.cm.stats('up')!.active === 0, `active ${h.cm.stats('up')!.active} after every client closed`);
+      assert.deepEqual(h.calls, { reserve: 4, connect: 0 });
+    } finally {
+      h.close();
+      up.close();
+    }
+  });
+});

@@ -5,6 +5,10 @@
  * Linux) or the relay mode is `js`, tcp-proxy.ts uses its JS pipe relay.
  *
  * The mode is process-wide: `tlsgate run --relay auto|native|js` sets it once at start.
+ *
+ * For a plain TCP upstream the addon also dials (connectNativeRelay): Node then never builds a
+ * socket for the upstream at all, which is most of what a short relayed connection costs.
+ * TLSGATE_NATIVE_CONNECT=0 keeps dialling in JS (the upstream socket is then handed over as before).
  */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
@@ -21,12 +25,15 @@ export interface NativeRelayResult {
   /** Bytes read from the upstream socket / written to the downstream one. */
   upRead: number;
   downWritten: number;
-  reason: 'ok' | 'downstream_reset' | 'upstream_reset' | 'idle_timeout' | 'stopped' | 'internal_error';
+  reason: 'ok' | 'downstream_reset' | 'upstream_reset' | 'idle_timeout' | 'stopped' | 'internal_error'
+    // Only for connectNativeRelay: the dial failed (refused, unreachable) or took too long.
+    | 'upstream_connect_failed' | 'upstream_connect_timeout';
 }
 
 interface Addon {
   init(onDone: (id: number, downRead: number, upWritten: number, upRead: number, downWritten: number, reason: string) => void): void;
   start(downFd: number, upFd: number, idleTimeoutMs: number, downEof: boolean, upEof: boolean): number;
+  connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer): number;
   stop(id: number): void;
 }
 
@@ -35,6 +42,10 @@ let loadError: string | undefined;
 let loaded = false;
 let mode: RelayMode = 'auto';
 const pending = new Map<number, (r: NativeRelayResult) => void>();
+/** connectNativeRelay connections not yet connected: their onConnected. */
+const dialling = new Map<number, () => void>();
+const nativeConnect = process.env.TLSGATE_NATIVE_CONNECT !== '0';
+const EMPTY = Buffer.alloc(0);
 
 /** build/Release/relay.node from the package root (this file is dist/src/runtime/chain/ when compiled). */
 function addonPath(): string {
@@ -63,6 +74,17 @@ function load(): Addon | undefined {
   try {
     const a = createRequire(import.meta.url)(file) as Addon;
     a.init((id, downRead, upWritten, upRead, downWritten, reason) => {
+      if (reason === 'connected') {
+        const up = dialling.get(id);
+        dialling.delete(id);
+        try {
+          up?.();
+        } catch {
+          // As below: a report handler never takes the process down.
+        }
+        return;
+      }
+      dialling.delete(id);
       const cb = pending.get(id);
       if (!cb) return;
       pending.delete(id);
@@ -125,6 +147,33 @@ export function startNativeRelay(
   if (!a) throw new Error(`native relay unavailable: ${loadError}`);
   const id = a.start(downFd, upFd, Math.max(0, Math.floor(opts.idleTimeoutMs)), opts.downEof, opts.upEof);
   pending.set(id, onDone);
+  return id;
+}
+
+/** True when plain TCP upstreams are dialled by the addon (native relay in use, not TLSGATE_NATIVE_CONNECT=0). */
+export function nativeConnectInUse(): boolean {
+  return nativeConnect && relayInUse() === 'native';
+}
+
+/**
+ * Like startNativeRelay, but the relay thread dials `ip`:`port` itself (non-blocking connect,
+ * bounded by `connectTimeoutMs`), writes `head` (bytes already read from the downstream, PROXY
+ * header first) and then relays. `onConnected` runs once if the connect succeeds, before `onDone`;
+ * a failed or timed-out connect ends with reason upstream_connect_failed / upstream_connect_timeout.
+ * `onDone` runs exactly once. Throws when setup fails (not an IP address, out of descriptors):
+ * nothing was started.
+ */
+export function connectNativeRelay(
+  downFd: number, ip: string, port: number,
+  opts: { connectTimeoutMs: number; idleTimeoutMs: number; downEof: boolean; head: Buffer | undefined },
+  onConnected: () => void, onDone: (r: NativeRelayResult) => void,
+): number {
+  const a = load();
+  if (!a) throw new Error(`native relay unavailable: ${loadError}`);
+  const id = a.connect(downFd, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)),
+    opts.downEof, opts.head ?? EMPTY);
+  pending.set(id, onDone);
+  dialling.set(id, onConnected);
   return id;
 }
 

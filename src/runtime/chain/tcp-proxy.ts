@@ -16,6 +16,12 @@
  * The JS sockets stay open, untouched, until the addon reports the connection done; destroying
  * one meanwhile (closeAll, drain) stops the native relay. Access-log bytes add the addon's
  * counts to what JS moved itself.
+ *
+ * Native connect: for a plain TCP cluster (no upstream TLS) with an IP endpoint, the addon also
+ * dials. The cluster manager picks the endpoint and counts it active (reserveTcp); JS stops
+ * reading the client, hands the addon its descriptor, the address and the bytes already read,
+ * and creates no upstream socket at all. The addon reports the connect (endpoint, connect time)
+ * and then the end, or a connect failure / timeout as the end.
  */
 import type * as net from 'node:net';
 import { TLSSocket } from 'node:tls';
@@ -25,10 +31,29 @@ import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protoco
 import type { ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
-import { relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
+import { connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
+
+/** An endpoint picked and counted active for one connection that the native relay dials itself. */
+export interface TcpReservation {
+  /** IP address (v4 or v6) and port to dial. */
+  address: string;
+  port: number;
+  /** "ip:port" for the access log. */
+  endpoint: string;
+  /** The cluster's connect timeout. */
+  timeoutMs: number;
+  /** Ends the endpoint's and cluster's active count (idempotent). */
+  release(): void;
+}
 
 export interface TcpConnector {
   connectTcp(cluster: string, opts: { timeoutMs?: number; sni?: string }): Promise<{ socket: net.Socket; endpoint: string }>;
+  /**
+   * Picks an endpoint of a plain TCP cluster and counts it active without dialing; an error
+   * (carrying its reason) when connectTcp would fail at once; undefined when connectTcp must be
+   * used (TLS origination, unix socket or unresolved endpoints).
+   */
+  reserveTcp?(cluster: string): TcpReservation | (Error & { reason?: Reason; code?: string }) | undefined;
   /** The cluster's settings (PROXY protocol toward it). */
   get?(cluster: string): Cluster | undefined;
 }
@@ -151,6 +176,8 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   /** While the native relay runs: its id; its report finishes the connection. */
   let nativeId: number | undefined;
   let native: NativeRelayResult | undefined;
+  /** Native connect: the endpoint counted active for this connection, released at its end. */
+  let reservation: TcpReservation | undefined;
 
   const finish = (why?: Reason) => {
     if (why && reason === 'ok') reason = why;
@@ -160,6 +187,7 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       return;
     }
     done = true;
+    reservation?.release();
     down.destroy();
     up?.destroy();
     const bytesReceived = down.bytesRead + (native?.downRead ?? 0);
@@ -185,8 +213,9 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       bytesReceived,
       bytesSent,
       // Upstream view: bytes we sent the upstream (replay included) / it sent us.
-      upstreamBytesSent: up ? up.bytesWritten + (native?.upWritten ?? 0) : 0,
-      upstreamBytesReceived: up ? up.bytesRead + (native?.upRead ?? 0) : 0,
+      // (With native connect there is no JS upstream socket: the addon's counts are all of it.)
+      upstreamBytesSent: (up?.bytesWritten ?? 0) + (native?.upWritten ?? 0),
+      upstreamBytesReceived: (up?.bytesRead ?? 0) + (native?.upRead ?? 0),
       durationMs: Date.now() - info.startMs,
       reason,
     });
@@ -274,6 +303,41 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     written();
   };
 
+  /** Native connect: the addon dials `res`, writes what JS already read, then relays. */
+  const dialNative = (dh: StreamHandle, res: TcpReservation, pp: 'v1' | 'v2' | undefined) => {
+    // Everything for the upstream, in order: PROXY header, the replayed bytes, whatever the
+    // stream still buffered. The client socket is read no more by JS.
+    const head: Buffer[] = [];
+    if (pp) head.push(proxyHeaderFor(pp, info));
+    if (replay && replay.length) head.push(replay);
+    drainInto(down, head);
+    // EOF already taken from the kernel (pushed into the stream; its 'end' comes later).
+    const downEof = down.readableEnded || (down as unknown as { _readableState?: { ended?: boolean } })._readableState?.ended === true;
+    down.setTimeout(0);
+    const dialled = Date.now();
+    try {
+      nativeId = connectNativeRelay(dh.fd!, res.address, res.port, {
+        connectTimeoutMs: res.timeoutMs > 0 ? res.timeoutMs : 10_000, idleTimeoutMs: idleMs, downEof,
+        head: head.length === 0 ? undefined : head.length === 1 ? head[0] : Buffer.concat(head),
+      }, () => {
+        endpoint = res.endpoint;
+        telemetry.observe('upstream_connect_seconds', (Date.now() - dialled) / 1000, { cluster: target!.cluster });
+      }, (r) => {
+        nativeId = undefined;
+        native = r;
+        if (r.reason === 'upstream_connect_failed' || r.reason === 'upstream_connect_timeout') {
+          telemetry.count('upstream_connect_errors_total', { cluster: target!.cluster });
+        }
+        finish(r.reason === 'ok' || r.reason === 'stopped' ? undefined : r.reason);
+      });
+    } catch (e) {
+      // Out of descriptors, say: this connection fails as a dial that could not open a socket would.
+      telemetry.log('warn', 'native relay could not dial the upstream', { error: (e as Error).message });
+      telemetry.count('upstream_connect_errors_total', { cluster: target!.cluster });
+      finish('upstream_connect_failed');
+    }
+  };
+
   if (!target) {
     finish('no_healthy_upstream');
     return;
@@ -286,6 +350,30 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   // The destination's DestinationRule idle timeout wins over the route's default.
   idleMs = cluster?.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs;
   const started = Date.now();
+  const connectFailed = (err: Error & { code?: string; reason?: Reason }) => {
+    telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
+    finish(err.reason ?? (err.code === 'ETIMEDOUT' || err.code === 'UND_ERR_CONNECT_TIMEOUT' ? 'upstream_connect_timeout' : 'upstream_connect_failed'));
+  };
+
+  if (cluster !== undefined && cluster.tls === undefined && env.clusters.reserveTcp !== undefined && nativeConnectInUse()) {
+    const dh = rawHandle(down);
+    const res = dh ? env.clusters.reserveTcp(target.cluster) : undefined;
+    if (res instanceof Error) {
+      connectFailed(res);
+      return;
+    }
+    if (res !== undefined) {
+      reservation = res;
+      stopReads(down, dh!);
+      // Bytes JS wrote to the client before this (a CONNECT tunnel's 200) reach the kernel before
+      // the relay writes anything there; usually they already have.
+      const pp = cluster.proxyProtocol;
+      if (down.writableLength === 0) dialNative(dh!, res, pp);
+      else down.write(EMPTY, () => { if (!done && !down.destroyed) dialNative(dh!, res, pp); });
+      return;
+    }
+  }
+
   env.clusters.connectTcp(target.cluster, {}).then(
     ({ socket, endpoint: ep }) => {
       endpoint = ep;
@@ -313,9 +401,6 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
       if (downHandle && upHandle && relayInUse() === 'native') handOff(socket, downHandle, upHandle, first);
       else relayJs(socket, first);
     },
-    (err: Error & { code?: string; reason?: Reason }) => {
-      telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
-      finish(err.reason ?? (err.code === 'ETIMEDOUT' || err.code === 'UND_ERR_CONNECT_TIMEOUT' ? 'upstream_connect_timeout' : 'upstream_connect_failed'));
-    },
+    connectFailed,
   );
 }

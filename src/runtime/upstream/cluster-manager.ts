@@ -25,11 +25,12 @@ import type { Readable } from 'node:stream';
 import { Readable as ReadableStream } from 'node:stream';
 import * as tls from 'node:tls';
 import { Pool } from 'undici';
-import type { Dispatcher, buildConnector } from 'undici';
+import type { buildConnector } from 'undici';
 import type { Cluster, Endpoint } from '../../model/snapshot.js';
 import type { Reason } from '../telemetry.js';
 import { subjectAltNames } from '../chain/xfcc.js';
 import { DnsCache, DnsError } from './dns.js';
+import { H1Pool, type PoolHandler, type PoolRequest, type UpstreamPool } from './h1-pool.js';
 import { createLoadBalancer, type LoadBalancer } from './load-balancer.js';
 
 // ------------------------------------------------------------------ public types
@@ -286,12 +287,18 @@ function checkSubjectAltNames(expected: readonly string[], peer: tls.PeerCertifi
 // ------------------------------------------------------------------ hosts and clusters
 
 const kReason = Symbol('tlsgate.upstreamReason');
+
+/**
+ * HTTP/1.1 upstreams go through our own pool (h1-pool.ts); HTTP/2 ones through undici.
+ * TLSGATE_H1_CLIENT=undici sends HTTP/1.1 through undici too, to compare the two.
+ */
+const H1_CLIENT = process.env['TLSGATE_H1_CLIENT'] === 'undici' ? 'undici' : 'own';
 type TaggedError = Error & { code?: string; [kReason]?: Reason };
 
 /** One endpoint address (after DNS) and its pool; shared by clusters with identical settings. */
 class Host {
   active = 0;
-  pool: Pool | undefined;
+  pool: UpstreamPool | undefined;
   /** "ip:port" (IPv6 in brackets) or the socket path; computed once, read on every request. */
   readonly label: string;
   constructor(
@@ -410,7 +417,7 @@ export class ClusterManager {
   async close(graceMs = 5_000): Promise<void> {
     this.#closed = true;
     this.#clusters = new Map();
-    const pools = [...this.#hosts.values()].map((h) => h.pool).filter((p): p is Pool => p !== undefined);
+    const pools = [...this.#hosts.values()].map((h) => h.pool).filter((p): p is UpstreamPool => p !== undefined);
     this.#hosts.clear();
     await Promise.allSettled(pools.map((p) => closePool(p, graceMs)));
   }
@@ -492,17 +499,31 @@ export class ClusterManager {
     return s.hosts;
   }
 
-  #pool(h: Host): Pool {
+  #pool(h: Host): UpstreamPool {
     if (h.pool !== undefined) return h.pool;
     const c = h.settings.cluster;
     const useTls = c.tls !== undefined;
     // Istio mTLS carries HTTP/1.1 under its own ALPN (istio-http/1.1); h2 only for plain TLS.
     const istio = c.tls?.mode === 'ISTIO_MUTUAL';
     const allowH2 = useTls && !istio && c.httpProtocol === 'h2';
+    const idleMs = c.limits.idleTimeoutMs ?? 60_000;
+    if (!allowH2 && H1_CLIENT !== 'undici') {
+      const alpn = istio ? ['istio-http/1.1', 'istio'] : ['http/1.1'];
+      h.pool = new H1Pool({
+        connect: (servername, cb) => this.#dial(h, c, servername === PLACEHOLDER_SNI ? undefined : servername, c.connectTimeoutMs, useTls ? alpn : undefined, cb),
+        ...(c.limits.maxConnections !== undefined && c.limits.maxConnections > 0 ? { connections: c.limits.maxConnections } : {}),
+        ...(c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0
+          ? { maxRequestsPerConnection: c.limits.maxRequestsPerConnection } : {}),
+        defaultHost: h.address.startsWith('/') ? 'localhost' : h.label,
+        keepAliveTimeoutMs: idleMs,
+        idleTimeoutMs: this.#idleMs,
+      });
+      return h.pool;
+    }
     const origin = h.address.startsWith('/')
       ? `${useTls ? 'https' : 'http'}://localhost`
       : `${useTls ? 'https' : 'http'}://${net.isIPv6(h.address) ? `[${h.address}]` : h.address}:${h.port}`;
-    const idle = c.limits.idleTimeoutMs ?? 60_000;
+    const idle = idleMs;
     const opts: Pool.Options = {
       pipelining: 1,
       keepAliveTimeout: idle,
@@ -519,8 +540,9 @@ export class ClusterManager {
     const pool = new Pool(origin, opts);
     // A pool-level error has no request to report to; per-request errors reach the handler.
     pool.on('connectionError', () => undefined);
-    h.pool = pool;
-    return pool;
+    // undici's dispatch takes the same request fields and handler protocol.
+    h.pool = pool as unknown as UpstreamPool;
+    return h.pool;
   }
 
   /** An undici connector that dials this host itself, so connect and TLS failures are classified. */
@@ -683,21 +705,15 @@ export class ClusterManager {
         ex.fail(new UpstreamError('upstream_tls_failed', error, { cluster: c.name, endpoint: h.label, code: 'TLS_MATERIAL_UNAVAILABLE' }));
         return;
       }
-      // undici reconnects when a request's servername differs from the connection's; a constant
-      // placeholder keeps a cluster without SNI on its warm connections.
+      // Pools reuse a connection only for the same servername; a constant placeholder keeps a
+      // cluster without SNI on its warm connections.
       servername = (c.tls.autoSni || s.fixedSni === null ? upstreamServerName(c, req.host) : s.fixedSni) ?? PLACEHOLDER_SNI;
     }
-    // `servername` is a dispatch option undici reads but does not declare in its types.
-    const opts: Dispatcher.DispatchOptions & { servername?: string } = {
-      method: req.method as Dispatcher.HttpMethod,
-      path: req.path,
-      // undici's types list only string values for the list form; its runtime takes arrays too.
-      headers: req.headers as Dispatcher.DispatchOptions['headers'],
-      body: req.body,
-    };
+    // undici reads `servername` as a dispatch option too, and takes the list form with array values.
+    const opts: PoolRequest = { method: req.method, path: req.path, headers: req.headers, body: req.body };
     if (servername !== undefined) opts.servername = servername;
     try {
-      this.#pool(h).dispatch(opts, ex as unknown as Dispatcher.DispatchHandler);
+      this.#pool(h).dispatch(opts, ex as unknown as PoolHandler);
     } catch (err) {
       ex.fail(classify(err, c.name, h.label));
     }
@@ -714,6 +730,8 @@ export class ClusterManager {
         onHeaders(c, statusCode, raw) {
           body = new ReadableStream({ read: () => c.resume() });
           body.on('close', () => { if (!body!.readableEnded) c.abort(); });
+          // The reader sees a failure through its read; one before it attached must not go uncaught.
+          body.on('error', () => undefined);
           resolve({ statusCode, headers: rawHeadersToObject(raw), body, endpoint: c.endpoint ?? '' });
         },
         onData(c, chunk) {
@@ -785,10 +803,44 @@ export class ClusterManager {
       resolve({ socket, endpoint: h.label });
     });
   }
+
+  /**
+   * connectTcp for a caller that dials by itself (the native relay): the same checks, pick and
+   * active count, no socket. `release()` ends the count (once, when the connection is over or its
+   * connect failed). An UpstreamError when connectTcp would fail at once; undefined when
+   * connectTcp must be used instead: TLS origination, endpoints that are not all IP addresses
+   * (unix sockets), or a DNS answer not cached yet (nothing picked or counted then).
+   */
+  reserveTcp(clusterName: string): { address: string; port: number; endpoint: string; timeoutMs: number; release(): void } | UpstreamError | undefined {
+    const s = this.#clusters.get(clusterName);
+    if (this.#closed || s === undefined) return new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' });
+    if (s.cluster.tls !== undefined) return undefined;
+    const lim = s.cluster.limits;
+    if (lim.maxConnections !== undefined && s.active >= lim.maxConnections) {
+      return new UpstreamError('upstream_overflow', `cluster ${clusterName} is at its connection limit`, { cluster: clusterName, code: 'OVERFLOW' });
+    }
+    const hosts = this.#currentHosts(s);
+    if (hosts instanceof UpstreamError) return hosts;
+    if (!Array.isArray(hosts) || hosts.some((x) => net.isIP(x.address) === 0 || x.address.includes('%'))) return undefined;
+    const h = s.lb.pick(hosts);
+    if (h === undefined) return new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' });
+    h.active++;
+    s.active++;
+    let held = true;
+    return {
+      address: h.address, port: h.port, endpoint: h.label, timeoutMs: s.cluster.connectTimeoutMs,
+      release: () => {
+        if (!held) return;
+        held = false;
+        h.active--;
+        s.active--;
+      },
+    };
+  }
 }
 
 /** Graceful pool close bounded by `graceMs`, then destroy. */
-async function closePool(pool: Pool, graceMs: number): Promise<void> {
+async function closePool(pool: UpstreamPool, graceMs: number): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'late'>((resolve) => {
     timer = setTimeout(() => resolve('late'), graceMs);
