@@ -903,6 +903,13 @@ export function explain(snapshot: Snapshot, query: ExplainQuery, options: Explai
 
 const PAD = 10;
 
+/** How the cluster line names the upstream HTTP protocol (HTTP/1.1 goes unsaid). */
+const UPSTREAM_PROTOCOL: Record<Cluster['httpProtocol'], string> = {
+  http1: '',
+  h2: '; HTTP/2 upstream',
+  downstream: '; upstream protocol follows the downstream',
+};
+
 function row(label: string, text: string): string {
   return `  ${label.padEnd(PAD)} ${text}`;
 }
@@ -1011,7 +1018,7 @@ export function renderExplanation(e: Explanation): string {
     }
     const eps = k.endpoints!.map((x) => `${x.address}:${x.port}${x.weight !== 1 ? ` (weight ${x.weight})` : ''}`);
     out.push(cont(`endpoints ${eps.length ? eps.join(', ') : '(none)'} (${k.discovery})`));
-    out.push(cont(`lb ${k.lbPolicy}; connect timeout ${k.connectTimeoutMs}ms${k.httpProtocol === 'h2' ? '; HTTP/2 upstream' : ''}`));
+    out.push(cont(`lb ${k.lbPolicy}; connect timeout ${k.connectTimeoutMs}ms${UPSTREAM_PROTOCOL[k.httpProtocol ?? 'http1']}`));
     const u = k.upstreamTls;
     if (!u || u.mode === 'plaintext') out.push(cont('upstream plaintext'));
     else {

@@ -174,7 +174,7 @@ export interface HttpConnectionManager {
   forwardClientCertDetails: 'SANITIZE' | 'SANITIZE_SET' | 'APPEND_FORWARD';
   /** The proxy's own identity for XFCC By= (URI SAN), when it has one. */
   xfccBy?: string;
-  /** Accept h2 (ALPN h2 on TLS; prior knowledge on plaintext). */
+  /** Serve HTTP/2 too: by ALPN on TLS (the chain's ALPN list offers h2), with prior knowledge (h2c) on plaintext. */
   http2: boolean;
   /**
    * A sidecar's outbound proxy: requests arrive in absolute form (`GET http://host:port/path`,
@@ -303,8 +303,12 @@ export interface Cluster {
   endpoints: Endpoint[];
   lbPolicy: 'ROUND_ROBIN' | 'LEAST_REQUEST' | 'RANDOM';
   connectTimeoutMs: number;
-  /** Upstream HTTP protocol when the cluster carries HTTP. */
-  httpProtocol: 'http1' | 'h2';
+  /**
+   * Upstream HTTP protocol when the cluster carries HTTP. 'downstream' follows each request's
+   * downstream protocol: HTTP/2 in, HTTP/2 out (h2c with prior knowledge on plaintext); HTTP/1.1
+   * in, HTTP/1.1 out (Envoy's use_downstream_protocol_config, as Istio's inbound clusters use).
+   */
+  httpProtocol: 'http1' | 'h2' | 'downstream';
   tls?: UpstreamTlsContext;
   /** Send a PROXY protocol header on each upstream connection (DestinationRule annotation). */
   proxyProtocol?: 'v1' | 'v2';

@@ -7,7 +7,7 @@ import * as http from 'node:http';
 import * as http2 from 'node:http2';
 import type * as net from 'node:net';
 import type { SecureContext } from 'node:tls';
-import type { FilterChain, Listener, Snapshot } from '../model/snapshot.js';
+import type { FilterChain, HttpConnectionManager, Listener, Snapshot } from '../model/snapshot.js';
 import type { Telemetry } from './telemetry.js';
 import { DEFAULT_LIMITS, ListenerRuntime, type ChainRuntime, type DownstreamLimits } from './listener/listener-runtime.js';
 import { CertStore } from './pki/cert-store.js';
@@ -78,11 +78,26 @@ function headerListSize(raw: readonly string[]): number {
   return n;
 }
 
+/** The connection preface of HTTP/2 (RFC 9113 3.4): what a client with prior knowledge (h2c) sends first. */
+const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 'latin1');
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * 'h2' when the bytes start with the whole preface, 'h1' as soon as one byte differs from it,
+ * undefined while they are a proper prefix of it (more bytes needed).
+ */
+function prefaceKind(b: Buffer): 'h1' | 'h2' | undefined {
+  const n = b.length < H2_PREFACE.length ? b.length : H2_PREFACE.length;
+  for (let i = 0; i < n; i++) if (b[i] !== H2_PREFACE[i]) return 'h1';
+  return n === H2_PREFACE.length ? 'h2' : undefined;
+}
+
 type HttpServers = { h1: http.Server; h2?: http2.Http2Server };
 
 /** Everything built for one snapshot generation. */
 class Generation implements ChainRuntime {
   readonly #http = new Map<FilterChain, HttpServers>();
+  readonly #handlers = new Map<FilterChain, ReturnType<typeof createHttpHandler>>();
   readonly #contexts = new Map<FilterChain, SecureContext | { error: string }>();
   readonly #sessions = new Set<http2.ServerHttp2Session>();
   /** Set when a newer generation took over or the process drains: finish, then close. */
@@ -106,94 +121,191 @@ class Generation implements ChainRuntime {
     return c;
   }
 
-  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener): void {
+  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener, head?: Buffer): void {
     if (chain.filter.kind !== 'http') return;
     let s = this.#http.get(chain);
     if (!s) {
-      const handler = createHttpHandler(chain.filter, { clusters: this.clusters, telemetry: this.telemetry, listenerPort: listener.port });
-      // HTTP/1.1 on a retired generation: answer, then close (`connection: close`), so the
-      // client's next request opens a connection that uses the newest config.
-      const h1Handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
-        if (this.#retired) res.shouldKeepAlive = false;
-        // Node keeps the first maxHeadersCount fields and drops the rest silently; one more than
-        // the limit is allowed in, so reaching it means the client sent too many.
-        if (req.rawHeaders.length > 2 * limits.maxRequestHeaders) {
-          res.shouldKeepAlive = false;
-          res.writeHead(431, { 'content-type': 'text/plain', connection: 'close' }).end('too many request headers\n');
-          this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket);
-          return;
-        }
-        (handler as http.RequestListener)(req, res);
-      };
-      const limits = this.limits;
-      const h1 = http.createServer({
-        keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
-        headersTimeout: limits.requestHeadersTimeoutMs,
-        requestTimeout: Math.max(300_000, limits.requestHeadersTimeoutMs),
-        maxHeaderSize: limits.maxRequestHeaderBytes,
-        // Node checks the header and request timeouts on this interval (default 30 s).
-        connectionsCheckingInterval: Math.min(1_000, limits.requestHeadersTimeoutMs),
-      }, h1Handler);
-      h1.maxHeadersCount = limits.maxRequestHeaders + 1;
-      // Node enforces headersTimeout/requestTimeout only for servers that emitted 'listening'
-      // (that starts its connection tracking); ours never listen, sockets are handed over.
-      h1.emit('listening');
-      h1.on('clientError', (e: Error & { code?: string }, sock: net.Socket) => {
-        // A parse error, an oversized header block or a header timeout: answer with the status
-        // when nothing was written on this connection yet, count it, then close. Never forwarded.
-        const { status, text, reason } = clientErrorStatus(e.code);
-        const started = (sock as { _httpMessage?: { headersSent?: boolean } })._httpMessage;
-        if (sock.writable && started?.headersSent !== true) {
-          sock.end(`HTTP/1.1 ${status} ${text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
-          setTimeout(() => sock.destroy(), 1_000).unref();
-        } else sock.destroy();
-        this.#clientError(listener.name, status, reason, sock, e.code);
-      });
-      const tunnels = chain.filter.connectRoutes;
-      if (tunnels?.length) {
-        h1.on('connect', (req: http.IncomingMessage, sock: net.Socket, head: Buffer) =>
-          handleConnect(tunnels, req, sock, head, { clusters: this.clusters, telemetry: this.telemetry, clientHelloTimeoutMs: listener.clientHelloTimeoutMs }));
-      }
-      s = { h1 };
-      if (chain.tls) {
-        // The TLS handshake is ours; this server only speaks HTTP/2 (or HTTP/1.1 by ALPN) over it.
-        // Over the field count, nghttp2 resets the stream (ENHANCE_YOUR_CALM); its count includes
-        // the four request pseudo-headers, so the same number of fields as HTTP/1.1 gets in.
-        // The size limit is our SETTINGS_MAX_HEADER_LIST_SIZE, which Node enforces (same reset)
-        // only once the client acknowledged those SETTINGS: the requests a client sends with its
-        // preface are checked here instead, and get the 431 HTTP/1.1 would.
-        const h2Handler = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
-          if (headerListSize(req.rawHeaders) > limits.maxRequestHeaderBytes) {
-            res.writeHead(431, { 'content-type': 'text/plain' }).end('request header fields too large\n');
-            this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket as net.Socket);
-            return;
-          }
-          (handler as unknown as (q: http2.Http2ServerRequest, r: http2.Http2ServerResponse) => void)(req, res);
-        };
-        const h2 = http2.createServer({
-          settings: { maxConcurrentStreams: 100, maxHeaderListSize: limits.maxRequestHeaderBytes },
-          maxHeaderListPairs: limits.maxRequestHeaders + 4,
-        }, h2Handler);
-        h2.setTimeout(H2_SESSION_IDLE_MS);
-        h2.on('sessionError', () => {});
-        h2.on('session', (session: http2.ServerHttp2Session) => {
-          if (this.#retired) { session.close(); return; }
-          this.#sessions.add(session);
-          session.once('close', () => this.#sessions.delete(session));
-          guardPrematureResets(session, () => this.telemetry.count('http2_premature_reset_closes_total', { listener: listener.name }));
-        });
-        s.h2 = h2;
-      }
+      s = { h1: this.#h1Server(chain, listener) };
       this.#http.set(chain, s);
     }
-    // ALPN decided the protocol during our handshake: h2 goes to the HTTP/2 server, anything
-    // else (http/1.1 or no ALPN) to the HTTP/1.1 server, exactly as an https.Server would.
-    const alpn = (socket as { alpnProtocol?: string | false }).alpnProtocol;
-    if (s.h2 && (alpn === 'h2' || alpn === 'istio-h2')) {
-      s.h2.emit('connection', socket);
-    } else {
-      s.h1.emit('connection', socket);
+    if (chain.tls) {
+      // ALPN decided the protocol during our handshake: h2 goes to the HTTP/2 server, anything
+      // else (http/1.1 or no ALPN) to the HTTP/1.1 server, exactly as an https.Server would.
+      const alpn = (socket as { alpnProtocol?: string | false }).alpnProtocol;
+      if (alpn === 'h2' || alpn === 'istio-h2') this.#h2Server(chain, s, listener).emit('connection', socket);
+      else s.h1.emit('connection', socket);
+      return;
     }
+    // Plaintext: HTTP/2 with prior knowledge (h2c) or HTTP/1.1, told apart by the first bytes,
+    // as Envoy's AUTO codec does on every HTTP port. Bytes the listener already read usually
+    // decide; if not (none yet, or a piece of the preface) they are put back and read again.
+    // A chain without http2 (a sidecar's forward proxy, whose routing needs HTTP/1.1's
+    // absolute-form targets) is HTTP/1.1 only.
+    if (!chain.filter.http2) {
+      if (head !== undefined && head.length > 0) socket.unshift(head);
+      s.h1.emit('connection', socket);
+      return;
+    }
+    if (head !== undefined && head.length > 0) {
+      const kind = prefaceKind(head);
+      socket.unshift(head);
+      if (kind !== undefined) { this.#handOver(chain, s, listener, socket, kind); return; }
+    }
+    this.#sniff(chain, s, listener, socket);
+  }
+
+  /**
+   * Reads a plaintext connection until its first bytes are or are not the HTTP/2 preface: at most
+   * 24 bytes are held, and a byte that differs decides at once (an HTTP/1.1 request line does on
+   * its first or second byte). A peer that stops before deciding gets what HTTP/1.1 gives a
+   * request whose headers never complete: 408 after the request-headers timeout, then close.
+   */
+  #sniff(chain: FilterChain, s: HttpServers, listener: Listener, socket: net.Socket): void {
+    let seen: Buffer = EMPTY;
+    const finish = (): void => {
+      clearTimeout(timer);
+      socket.removeListener('data', onData);
+      socket.removeListener('close', finish);
+    };
+    const onData = (chunk: Buffer): void => {
+      seen = seen.length === 0 ? chunk : Buffer.concat([seen, chunk]);
+      const kind = prefaceKind(seen);
+      if (kind === undefined) return;
+      finish();
+      if (kind === 'h1') {
+        // Still flowing: the bytes put back reach the HTTP/1.1 parser as its first 'data'.
+        socket.unshift(seen);
+        s.h1.emit('connection', socket);
+        return;
+      }
+      socket.pause();
+      socket.unshift(seen);
+      this.#handOver(chain, s, listener, socket, kind);
+    };
+    const timer = setTimeout(() => {
+      finish();
+      if (socket.destroyed) return;
+      socket.end('HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+      setTimeout(() => socket.destroy(), 1_000).unref();
+      this.#clientError(listener.name, 408, 'request_headers_timeout', socket, 'ERR_HTTP_REQUEST_TIMEOUT');
+    }, this.limits.requestHeadersTimeoutMs);
+    timer.unref();
+    if (socket.destroyed) { clearTimeout(timer); return; }
+    // Only 'close' besides 'data' (each listener is paid for by every HTTP/1.1 connection): a peer
+    // that half-closes before deciding is left to the timer.
+    socket.on('data', onData);
+    socket.on('close', finish);
+    socket.resume();
+  }
+
+  /**
+   * The replayed bytes wait in the paused socket's buffer. The HTTP/2 session reads them from
+   * there itself (flowing, they would be emitted before it listens); the HTTP/1.1 server only
+   * takes 'data' events, so the socket flows again (from the next tick, once it listens).
+   */
+  #handOver(chain: FilterChain, s: HttpServers, listener: Listener, socket: net.Socket, kind: 'h1' | 'h2'): void {
+    if (socket.destroyed) return;
+    if (kind === 'h2') {
+      this.#h2Server(chain, s, listener).emit('connection', socket);
+      return;
+    }
+    socket.resume();
+    s.h1.emit('connection', socket);
+  }
+
+  #h1Server(chain: FilterChain, listener: Listener): http.Server {
+    const handler = this.#handlerOf(chain, listener);
+    const limits = this.limits;
+    // HTTP/1.1 on a retired generation: answer, then close (`connection: close`), so the
+    // client's next request opens a connection that uses the newest config.
+    const h1Handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
+      if (this.#retired) res.shouldKeepAlive = false;
+      // Node keeps the first maxHeadersCount fields and drops the rest silently; one more than
+      // the limit is allowed in, so reaching it means the client sent too many.
+      if (req.rawHeaders.length > 2 * limits.maxRequestHeaders) {
+        res.shouldKeepAlive = false;
+        res.writeHead(431, { 'content-type': 'text/plain', connection: 'close' }).end('too many request headers\n');
+        this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket);
+        return;
+      }
+      (handler as http.RequestListener)(req, res);
+    };
+    const h1 = http.createServer({
+      keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
+      headersTimeout: limits.requestHeadersTimeoutMs,
+      requestTimeout: Math.max(300_000, limits.requestHeadersTimeoutMs),
+      maxHeaderSize: limits.maxRequestHeaderBytes,
+      // Node checks the header and request timeouts on this interval (default 30 s).
+      connectionsCheckingInterval: Math.min(1_000, limits.requestHeadersTimeoutMs),
+    }, h1Handler);
+    h1.maxHeadersCount = limits.maxRequestHeaders + 1;
+    // Node enforces headersTimeout/requestTimeout only for servers that emitted 'listening'
+    // (that starts its connection tracking); ours never listen, sockets are handed over.
+    h1.emit('listening');
+    h1.on('clientError', (e: Error & { code?: string }, sock: net.Socket) => {
+      // A parse error, an oversized header block or a header timeout: answer with the status
+      // when nothing was written on this connection yet, count it, then close. Never forwarded.
+      const { status, text, reason } = clientErrorStatus(e.code);
+      const started = (sock as { _httpMessage?: { headersSent?: boolean } })._httpMessage;
+      if (sock.writable && started?.headersSent !== true) {
+        sock.end(`HTTP/1.1 ${status} ${text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
+        setTimeout(() => sock.destroy(), 1_000).unref();
+      } else sock.destroy();
+      this.#clientError(listener.name, status, reason, sock, e.code);
+    });
+    const tunnels = (chain.filter as HttpConnectionManager).connectRoutes;
+    if (tunnels?.length) {
+      h1.on('connect', (req: http.IncomingMessage, sock: net.Socket, head: Buffer) =>
+        handleConnect(tunnels, req, sock, head, { clusters: this.clusters, telemetry: this.telemetry, clientHelloTimeoutMs: listener.clientHelloTimeoutMs }));
+    }
+    return h1;
+  }
+
+  /**
+   * The chain's HTTP/2 server, built on first use: by ALPN h2 on a TLS chain, by the connection
+   * preface (h2c, prior knowledge) on a plaintext one. Same limits either way.
+   */
+  #h2Server(chain: FilterChain, s: HttpServers, listener: Listener): http2.Http2Server {
+    if (s.h2 !== undefined) return s.h2;
+    const handler = this.#handlerOf(chain, listener);
+    const limits = this.limits;
+    // Over the field count, nghttp2 resets the stream (ENHANCE_YOUR_CALM); its count includes
+    // the four request pseudo-headers, so the same number of fields as HTTP/1.1 gets in.
+    // The size limit is our SETTINGS_MAX_HEADER_LIST_SIZE, which Node enforces (same reset)
+    // only once the client acknowledged those SETTINGS: the requests a client sends with its
+    // preface are checked here instead, and get the 431 HTTP/1.1 would.
+    const h2Handler = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+      if (headerListSize(req.rawHeaders) > limits.maxRequestHeaderBytes) {
+        res.writeHead(431, { 'content-type': 'text/plain' }).end('request header fields too large\n');
+        this.#clientError(listener.name, 431, 'request_headers_too_large', req.socket as net.Socket);
+        return;
+      }
+      (handler as unknown as (q: http2.Http2ServerRequest, r: http2.Http2ServerResponse) => void)(req, res);
+    };
+    const h2 = http2.createServer({
+      settings: { maxConcurrentStreams: 100, maxHeaderListSize: limits.maxRequestHeaderBytes },
+      maxHeaderListPairs: limits.maxRequestHeaders + 4,
+    }, h2Handler);
+    h2.setTimeout(H2_SESSION_IDLE_MS);
+    h2.on('sessionError', () => {});
+    h2.on('session', (session: http2.ServerHttp2Session) => {
+      if (this.#retired) { session.close(); return; }
+      this.#sessions.add(session);
+      session.once('close', () => this.#sessions.delete(session));
+      guardPrematureResets(session, () => this.telemetry.count('http2_premature_reset_closes_total', { listener: listener.name }));
+    });
+    s.h2 = h2;
+    return h2;
+  }
+
+  /** One request handler per chain, shared by its HTTP/1.1 and HTTP/2 servers. */
+  #handlerOf(chain: FilterChain, listener: Listener): ReturnType<typeof createHttpHandler> {
+    let s = this.#handlers.get(chain);
+    if (s === undefined) {
+      s = createHttpHandler(chain.filter as HttpConnectionManager, { clusters: this.clusters, telemetry: this.telemetry, listenerPort: listener.port });
+      this.#handlers.set(chain, s);
+    }
+    return s;
   }
 
   /** A request refused by the HTTP/1.1 codec (never reached the router): one access-log entry and count. */

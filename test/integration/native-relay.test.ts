@@ -7,7 +7,6 @@
 // TCP upstream itself): bytes and order, IPv6, refused (no descriptor leaked), timeout, a close
 // while dialling, and the cluster's connection limit and active counts.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
@@ -19,7 +18,7 @@ import { once } from 'node:events';
 import { certDir, makeCa, makeLeaf, type Ca, type KeyPair } from '../helpers/certs.js';
 import { freePorts } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
-import { stopChild, trackChild } from '../helpers/exec.js';
+import { startBlackhole } from '../helpers/blackhole.js';
 import { proxyTcp, type TcpConnector } from '../../src/runtime/chain/tcp-proxy.js';
 import { ClusterManager } from '../../src/runtime/upstream/cluster-manager.js';
 import type { Cluster } from '../../src/model/snapshot.js';
@@ -724,35 +723,6 @@ for (const relay of RELAYS) {
 }
 
 // ---------------------------------------------------------------- native connect, in process
-
-/** A listener on 127.0.0.1 that completes no further handshake: connect() to it hangs. */
-async function startBlackhole(): Promise<{ port: number; close(): Promise<void> }> {
-  // The child blocks its event loop right after listening: nothing is ever accepted.
-  const child: ChildProcess = spawn(process.execPath, ['-e', `
-    const s = require('node:net').createServer();
-    s.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => {
-      process.stdout.write(s.address().port + '\\n', () => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0));
-    });`], { stdio: ['ignore', 'pipe', 'ignore'] });
-  trackChild(child);
-  const port = await new Promise<number>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error('blackhole listener did not start')), 10_000);
-    child.stdout!.once('data', (d: Buffer) => { clearTimeout(t); resolve(Number(String(d).trim())); });
-  });
-  // Fill the accept queue: connections complete until it is full, then a SYN goes unanswered.
-  const held: net.Socket[] = [];
-  let full = false;
-  for (let i = 0; i < 32 && !full; i++) {
-    const s = net.connect(port, '127.0.0.1');
-    s.on('error', () => {});
-    held.push(s);
-    full = !(await new Promise<boolean>((resolve) => {
-      const t = setTimeout(() => resolve(false), 300);
-      s.once('connect', () => { clearTimeout(t); resolve(true); });
-    }));
-  }
-  if (!full) throw new Error('the blackhole accept queue never filled');
-  return { port, close: async () => { for (const s of held) s.destroy(); await stopChild(child, 'SIGKILL', 5_000); } };
-}
 
 function plainCluster(port: number, over: Partial<Cluster> = {}, address = '127.0.0.1'): Cluster {
   return {

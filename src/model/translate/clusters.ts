@@ -194,7 +194,7 @@ export class ClusterBuilder {
    * `outbound_.<port>_.<subset>_.<host>`, Istio's mTLS ALPN. With no subjectAltNames any identity
    * issued by the mesh CA is accepted (the chain is verified; names are not).
    */
-  istioMutual(host: string, carries: 'http' | 'tcp', httpProtocol: 'http1' | 'h2', sni: string | undefined, sans: string[] | undefined): UpstreamTlsContext {
+  istioMutual(host: string, carries: 'http' | 'tcp', httpProtocol: Cluster['httpProtocol'], sni: string | undefined, sans: string[] | undefined): UpstreamTlsContext {
     void host;
     return {
       mode: 'ISTIO_MUTUAL',
@@ -342,7 +342,7 @@ export class ClusterBuilder {
   }
 
   /** Upstream TLS from ClientTlsSettings. undefined = plaintext; null = invalid (reported). */
-  #upstreamTls(tls: ClientTlsSettings, dr: DestinationRuleResource, path: string, host: string, carries: 'http' | 'tcp', httpProtocol: 'http1' | 'h2'): UpstreamTlsContext | undefined | null {
+  #upstreamTls(tls: ClientTlsSettings, dr: DestinationRuleResource, path: string, host: string, carries: 'http' | 'tcp', httpProtocol: Cluster['httpProtocol']): UpstreamTlsContext | undefined | null {
     const { ctx } = this;
     const mode = tls.mode ?? 'DISABLE';
     if (mode === 'DISABLE') return undefined;

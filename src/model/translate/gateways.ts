@@ -288,7 +288,8 @@ function httpPlaintextChain(ctx: TranslateContext, clusters: ClusterBuilder, ser
     scheme: 'http',
     misdirectedDomains: [],
     forwardClientCertDetails: 'SANITIZE',
-    http2: servers.some((s) => s.protocol !== 'HTTP'),
+    // Every plaintext HTTP port also serves HTTP/2 with prior knowledge, whatever its protocol.
+    http2: true,
   };
   return {
     name: servers.map((s) => `${s.gwKey}/${s.path}`).join(','),

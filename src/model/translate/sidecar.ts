@@ -84,7 +84,8 @@ export function buildSidecarOutbound(ctx: TranslateContext, clusters: ClusterBui
     scheme: 'http',
     misdirectedDomains: [],
     forwardClientCertDetails: 'SANITIZE',
-    http2: false,
+    // h2c too (gRPC clients): an HTTP/2 request names its destination in :authority.
+    http2: true,
     forwardProxy: true,
     connectRoutes: connectRoutes(ctx, clusters),
   };
@@ -196,7 +197,8 @@ const MTLS_TCP_ALPN = ['istio-peer-exchange', 'istio'];
 
 /**
  * The sidecar's inbound side on --inbound-port: Istio mTLS from other sidecars is terminated and
- * forwarded in plaintext to 127.0.0.1:<app-port> (HTTP gets XFCC with both identities);
+ * forwarded in plaintext to 127.0.0.1:<app-port> (HTTP gets XFCC with both identities, and goes
+ * to the app in the protocol it arrived in: HTTP/2 as h2c, HTTP/1.1 as HTTP/1.1);
  * PERMISSIVE also accepts plaintext and passes an app's own TLS through; STRICT accepts only
  * mTLS; DISABLE only plaintext (and TLS it does not terminate).
  */
@@ -206,7 +208,8 @@ export function buildSidecarInbound(ctx: TranslateContext, inbound: { address: s
   const cluster: Cluster = {
     name: clusterName, serviceHost: '127.0.0.1', servicePort: inbound.appPort, discovery: 'STATIC',
     endpoints: [{ address: '127.0.0.1', port: inbound.appPort, weight: 1, labels: {} }],
-    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: ctx.options.connectTimeoutMs, httpProtocol: 'http1', limits: {},
+    // A gRPC app gets the HTTP/2 its callers sent, an HTTP/1.1 app the HTTP/1.1 (as Istio does).
+    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: ctx.options.connectTimeoutMs, httpProtocol: 'downstream', limits: {},
   };
   const tcp: TcpProxy = { kind: 'tcp', name: `inbound|${inbound.appPort}`, clusters: [{ cluster: clusterName, weight: 100 }], idleTimeoutMs: ctx.options.tcpIdleTimeoutMs };
   const mtls = (alpn: string[]): DownstreamTlsContext => ({

@@ -159,19 +159,6 @@ const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', '
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 
-function applyMutation(h: HeaderBag, m: HeaderMutation | undefined): void {
-  if (m === undefined) return;
-  for (const name of m.remove) delete h[name.toLowerCase()];
-  for (const [name, value] of m.set) h[name.toLowerCase()] = value;
-  for (const [rawName, value] of m.add) {
-    const name = rawName.toLowerCase();
-    const cur = h[name];
-    if (cur === undefined) h[name] = value;
-    else if (Array.isArray(cur)) cur.push(value);
-    else h[name] = [cur, value];
-  }
-}
-
 /** Header list (name, value, name, value…; names lower-case) for writeHead. */
 type HeaderList = (string | string[])[];
 
@@ -192,6 +179,13 @@ function listToObject(h: HeaderList): HeaderBag {
 function hasName(h: HeaderList, name: string): boolean {
   for (let i = 0; i < h.length; i += 2) if (h[i] === name) return true;
   return false;
+}
+
+/** The list without the fields of this (lower-case) name. */
+function withoutName(h: HeaderList, name: string): HeaderList {
+  const out: HeaderList = [];
+  for (let i = 0; i < h.length; i += 2) if (h[i] !== name) out.push(h[i]!, h[i + 1]!);
+  return out;
 }
 
 /** The last value of a field in a header list (as a string). */
@@ -451,13 +445,18 @@ class HttpExchange implements UpstreamHandler {
     let authority = (this.#isH2 ? (h[':authority'] as string | undefined) ?? h.host : h.host) ?? '';
     let path = req.url ?? '/';
     let routePort = env.listenerPort;
-    if (hcm.forwardProxy === true && path.charCodeAt(0) !== 47 /* / */) {
-      // Sidecar outbound proxy: absolute-form target; its authority names the destination port.
-      const abs = splitAbsoluteForm(path);
-      if (abs !== undefined) {
-        authority = abs.authority;
-        path = abs.path;
-        routePort = hostPort(authority) ?? (abs.https ? 443 : 80);
+    if (hcm.forwardProxy === true) {
+      if (this.#isH2) {
+        // HTTP/2 has no absolute form: :scheme and :authority name the destination and its port.
+        routePort = hostPort(authority) ?? (h[':scheme'] === 'https' ? 443 : 80);
+      } else if (path.charCodeAt(0) !== 47 /* / */) {
+        // Sidecar outbound proxy: absolute-form target; its authority names the destination port.
+        const abs = splitAbsoluteForm(path);
+        if (abs !== undefined) {
+          authority = abs.authority;
+          path = abs.path;
+          routePort = hostPort(authority) ?? (abs.https ? 443 : 80);
+        }
       }
     }
     this.#authority = authority;
@@ -494,9 +493,8 @@ class HttpExchange implements UpstreamHandler {
         return;
       case 'direct': {
         const body = a.bodyBase64 !== undefined ? Buffer.from(a.bodyBase64, 'base64') : a.body !== undefined ? Buffer.from(a.body) : undefined;
-        const headers: HeaderBag = body !== undefined ? { 'content-type': 'text/plain' } : {};
-        applyMutation(headers, sel.route.responseHeaders);
-        this.#respond(a.status, 'direct_response', headers, body);
+        const headers: HeaderList = body !== undefined ? ['content-type', 'text/plain'] : [];
+        this.#respond(a.status, 'direct_response', applyListMutation(headers, sel.route.responseHeaders), body);
         return;
       }
       case 'route':
@@ -508,17 +506,15 @@ class HttpExchange implements UpstreamHandler {
   // ---------------------------------------------------------------- local replies
 
   #redirect(code: number, location: string, reason: Reason, mutation: HeaderMutation | undefined): void {
-    const headers: HeaderBag = { location };
-    applyMutation(headers, mutation);
-    this.#respond(code, reason, headers, undefined);
+    this.#respond(code, reason, applyListMutation(['location', location], mutation), undefined);
   }
 
   /** A reply generated here (no upstream): short text body. */
   #local(status: number, reason: Reason, text: string): void {
-    this.#respond(status, reason, { 'content-type': 'text/plain' }, Buffer.from(text));
+    this.#respond(status, reason, ['content-type', 'text/plain'], Buffer.from(text));
   }
 
-  #respond(status: number, reason: Reason, headers: HeaderBag, body: Buffer | undefined): void {
+  #respond(status: number, reason: Reason, headers: HeaderList, body: Buffer | undefined): void {
     this.#reason = reason;
     this.#status = status;
     const res = this.#res;
@@ -529,9 +525,12 @@ class HttpExchange implements UpstreamHandler {
       return;
     }
     this.#responded = true;
-    headers['content-length'] = String(body?.length ?? 0);
+    // Our length, whatever a configured mutation said.
+    const out = hasName(headers, 'content-length') ? withoutName(headers, 'content-length') : headers;
+    out.push('content-length', String(body?.length ?? 0));
     try {
-      res.writeHead(status, headers);
+      if (this.#isH2) (res as Http2ServerResponse).writeHead(status, listToObject(out));
+      else (res as ServerResponse).writeHead(status, out as OutgoingHttpHeader[]);
       if (body !== undefined && this.#req.method !== 'HEAD') {
         this.#bytesSent += body.length;
         res.end(body);
@@ -698,6 +697,7 @@ class HttpExchange implements UpstreamHandler {
       headers: this.#upHeaders!,
       body: this.#body,
       host: lastValue(this.#upHeaders!, 'host') ?? this.#authority,
+      downstreamProtocol: this.#isH2 ? 'h2' : 'http1',
     }, this);
   }
 

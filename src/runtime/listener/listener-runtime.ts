@@ -22,8 +22,12 @@ import type { SecureContext } from 'node:tls';
 export interface ChainRuntime {
   /** The secure context of a terminating chain, or an error (missing/invalid secret). */
   serverContext(chain: FilterChain): SecureContext | { error: string };
-  /** Hands an HTTP connection (plaintext socket or finished TLSSocket) to the chain's HTTP server. */
-  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener): void;
+  /**
+   * Hands an HTTP connection (plaintext socket or finished TLSSocket) to the chain's HTTP server.
+   * `head`: bytes of a plaintext socket already read by the listener (ClientHello inspection) and
+   * not yet put back; serveHttp replays them.
+   */
+  serveHttp(chain: FilterChain, socket: net.Socket, listener: Listener, head?: Buffer): void;
   clusters: TcpConnector;
   telemetry: Telemetry;
   /** Process-wide downstream limits (flags); defaults apply when absent. */
@@ -350,8 +354,8 @@ export class ListenerRuntime {
         proxyTcp(socket, replay, chain.filter, info, { clusters: runtime.clusters, telemetry: runtime.telemetry });
         return;
       case 'http':
-        if (replay && replay.length) socket.unshift(replay);
-        runtime.serveHttp(chain, socket, config);
+        // The bytes already read go along: they may already tell HTTP/1.1 from HTTP/2 (h2c).
+        runtime.serveHttp(chain, socket, config, replay);
         return;
       case 'reject':
         if (replay && replay.length && replay[0] === 0x16) socket.write(tlsAlert(ALERT_UNRECOGNIZED_NAME));

@@ -1,6 +1,7 @@
 /**
- * Upstream clusters at runtime: endpoint discovery (STATIC, DNS), load balancing, one undici Pool
- * per endpoint for HTTP (keep-alive, bounded connections, no pipelining), raw TCP/TLS connections
+ * Upstream clusters at runtime: endpoint discovery (STATIC, DNS), load balancing, one pool per
+ * endpoint for HTTP (HTTP/1.1 keep-alive without pipelining, or multiplexed HTTP/2 sessions; bounded
+ * connections), raw TCP/TLS connections
  * for TCP proxying, TLS origination and circuit breaking.
  *
  * Every failure becomes an UpstreamError carrying a documented access-log reason, never a throw:
@@ -30,7 +31,10 @@ import type { Cluster, Endpoint } from '../../model/snapshot.js';
 import type { Reason } from '../telemetry.js';
 import { subjectAltNames } from '../chain/xfcc.js';
 import { DnsCache, DnsError } from './dns.js';
-import { H1Pool, type PoolHandler, type PoolRequest, type UpstreamPool } from './h1-pool.js';
+import { H1Pool } from './h1-pool.js';
+import type { Connector, PoolHandler, PoolRequest, UpstreamPool } from './pool.js';
+import { AlpnPool } from './alpn-pool.js';
+import { H2Pool } from './h2-pool.js';
 import { createLoadBalancer, type LoadBalancer } from './load-balancer.js';
 
 // ------------------------------------------------------------------ public types
@@ -97,6 +101,8 @@ export interface UpstreamRequest {
   body: Readable | Buffer | null;
   /** The Host the request carries; the SNI when the cluster uses autoSni. */
   host: string;
+  /** The protocol the request arrived in; picks the upstream one for httpProtocol 'downstream' (default http1). */
+  downstreamProtocol?: 'http1' | 'h2';
 }
 
 /** Control over one in-flight upstream request. */
@@ -289,16 +295,22 @@ function checkSubjectAltNames(expected: readonly string[], peer: tls.PeerCertifi
 const kReason = Symbol('tlsgate.upstreamReason');
 
 /**
- * HTTP/1.1 upstreams go through our own pool (h1-pool.ts); HTTP/2 ones through undici.
- * TLSGATE_H1_CLIENT=undici sends HTTP/1.1 through undici too, to compare the two.
+ * HTTP/1.1 upstreams go through our own pool (h1-pool.ts); HTTP/2 over plaintext (h2c) or Istio
+ * mTLS through h2-pool.ts; plain TLS offering h2 through alpn-pool.ts, which picks one of the two
+ * by the upstream's ALPN answer. A 'downstream'
+ * cluster has both an HTTP/1.1 and an HTTP/2 pool per host and picks by the request.
+ * TLSGATE_H1_CLIENT=undici sends HTTP/1.1 and ALPN-negotiated HTTP/2 through undici instead,
+ * to compare the clients.
  */
 const H1_CLIENT = process.env['TLSGATE_H1_CLIENT'] === 'undici' ? 'undici' : 'own';
 type TaggedError = Error & { code?: string; [kReason]?: Reason };
 
-/** One endpoint address (after DNS) and its pool; shared by clusters with identical settings. */
+/** One endpoint address (after DNS) and its pool(s); shared by clusters with identical settings. */
 class Host {
   active = 0;
   pool: UpstreamPool | undefined;
+  /** The h2c pool of an httpProtocol 'downstream' cluster, for requests that arrived as HTTP/2. */
+  h2Pool: UpstreamPool | undefined;
   /** "ip:port" (IPv6 in brackets) or the socket path; computed once, read on every request. */
   readonly label: string;
   constructor(
@@ -417,7 +429,7 @@ export class ClusterManager {
   async close(graceMs = 5_000): Promise<void> {
     this.#closed = true;
     this.#clusters = new Map();
-    const pools = [...this.#hosts.values()].map((h) => h.pool).filter((p): p is UpstreamPool => p !== undefined);
+    const pools = [...this.#hosts.values()].flatMap((h) => [h.pool, h.h2Pool]).filter((p): p is UpstreamPool => p !== undefined);
     this.#hosts.clear();
     await Promise.allSettled(pools.map((p) => closePool(p, graceMs)));
   }
@@ -433,6 +445,7 @@ export class ClusterManager {
           h = new Host(key, address, ep.port, ep.weight, s.settings);
           if (prev !== undefined) {
             h.pool = prev.pool;
+            h.h2Pool = prev.h2Pool;
             h.active = prev.active;
           }
           this.#hosts.set(key, h);
@@ -450,11 +463,9 @@ export class ClusterManager {
     for (const [key, h] of this.#hosts) {
       if (live.has(key)) continue;
       this.#hosts.delete(key);
-      if (h.pool !== undefined) {
-        const pool = h.pool;
-        h.pool = undefined;
-        closePool(pool, 30_000).catch(() => undefined);
-      }
+      for (const pool of [h.pool, h.h2Pool]) if (pool !== undefined) closePool(pool, 30_000).catch(() => undefined);
+      h.pool = undefined;
+      h.h2Pool = undefined;
     }
   }
 
@@ -499,25 +510,44 @@ export class ClusterManager {
     return s.hosts;
   }
 
-  #pool(h: Host): UpstreamPool {
-    if (h.pool !== undefined) return h.pool;
+  #pool(h: Host, downstreamProtocol: 'http1' | 'h2' | undefined): UpstreamPool {
     const c = h.settings.cluster;
+    // 'downstream': requests that arrived as HTTP/2 take a second pool, of HTTP/2 connections.
+    if (c.httpProtocol === 'downstream' && downstreamProtocol === 'h2') {
+      h.h2Pool ??= this.#newH2Pool(h, c, c.tls?.mode === 'ISTIO_MUTUAL' ? ['istio-h2', 'istio', 'h2'] : ['h2']);
+      return h.h2Pool;
+    }
+    if (h.pool !== undefined) return h.pool;
     const useTls = c.tls !== undefined;
-    // Istio mTLS carries HTTP/1.1 under its own ALPN (istio-http/1.1); h2 only for plain TLS.
     const istio = c.tls?.mode === 'ISTIO_MUTUAL';
-    const allowH2 = useTls && !istio && c.httpProtocol === 'h2';
     const idleMs = c.limits.idleTimeoutMs ?? 60_000;
-    if (!allowH2 && H1_CLIENT !== 'undici') {
-      const alpn = istio ? ['istio-http/1.1', 'istio'] : ['http/1.1'];
-      h.pool = new H1Pool({
-        connect: (servername, cb) => this.#dial(h, c, servername === PLACEHOLDER_SNI ? undefined : servername, c.connectTimeoutMs, useTls ? alpn : undefined, cb),
-        ...(c.limits.maxConnections !== undefined && c.limits.maxConnections > 0 ? { connections: c.limits.maxConnections } : {}),
-        ...(c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0
-          ? { maxRequestsPerConnection: c.limits.maxRequestsPerConnection } : {}),
-        defaultHost: h.address.startsWith('/') ? 'localhost' : h.label,
-        keepAliveTimeoutMs: idleMs,
-        idleTimeoutMs: this.#idleMs,
-      });
+    // An HTTP2/GRPC port speaks HTTP/2 whatever ALPN says, as Envoy does: h2c with prior knowledge
+    // on plaintext, HTTP/2 inside Istio mTLS (ALPN istio-h2, istio, h2 from the cluster). Plain TLS
+    // keeps negotiating by ALPN below, so a server that picks http/1.1 still gets HTTP/1.1.
+    if (c.httpProtocol === 'h2' && (!useTls || istio)) {
+      h.pool = this.#newH2Pool(h, c, c.tls?.alpn);
+      return h.pool;
+    }
+    // Istio mTLS carries HTTP/1.1 under its own ALPN (istio-http/1.1); h2 by ALPN for plain TLS.
+    const allowH2 = useTls && !istio && c.httpProtocol === 'h2';
+    const dialer = (alpn: string[] | undefined): Connector =>
+      (servername, cb) => this.#dial(h, c, servername === PLACEHOLDER_SNI ? undefined : servername, c.connectTimeoutMs, alpn, cb);
+    const h1 = (connect: Connector): UpstreamPool => new H1Pool({
+      connect,
+      ...(c.limits.maxConnections !== undefined && c.limits.maxConnections > 0 ? { connections: c.limits.maxConnections } : {}),
+      ...(c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0
+        ? { maxRequestsPerConnection: c.limits.maxRequestsPerConnection } : {}),
+      defaultHost: h.address.startsWith('/') ? 'localhost' : h.label,
+      keepAliveTimeoutMs: idleMs,
+      idleTimeoutMs: this.#idleMs,
+    });
+    if (H1_CLIENT !== 'undici') {
+      if (allowH2) {
+        // Plain TLS offering h2 and http/1.1: the upstream's ALPN answer picks the pool.
+        h.pool = new AlpnPool(dialer(['h2', 'http/1.1']), (proto, connect) => (proto === 'h2' ? this.#newH2Pool(h, c, undefined, connect) : h1(connect)));
+        return h.pool;
+      }
+      h.pool = h1(dialer(useTls ? (istio ? ['istio-http/1.1', 'istio'] : ['http/1.1']) : undefined));
       return h.pool;
     }
     const origin = h.address.startsWith('/')
@@ -543,6 +573,20 @@ export class ClusterManager {
     // undici's dispatch takes the same request fields and handler protocol.
     h.pool = pool as unknown as UpstreamPool;
     return h.pool;
+  }
+
+  /** HTTP/2 with prior knowledge to one host: h2c on plaintext, else over TLS offering `alpn`. */
+  #newH2Pool(h: Host, c: Cluster, alpn: string[] | undefined, connect?: Connector): UpstreamPool {
+    return new H2Pool({
+      connect: connect ?? ((servername, cb) => this.#dial(h, c, servername === PLACEHOLDER_SNI ? undefined : servername, c.connectTimeoutMs, alpn, cb)),
+      scheme: c.tls !== undefined ? 'https' : 'http',
+      defaultAuthority: h.address.startsWith('/') ? 'localhost' : h.label,
+      ...(c.limits.maxConnections !== undefined && c.limits.maxConnections > 0 ? { connections: c.limits.maxConnections } : {}),
+      ...(c.limits.maxRequestsPerConnection !== undefined && c.limits.maxRequestsPerConnection > 0
+        ? { maxRequestsPerConnection: c.limits.maxRequestsPerConnection } : {}),
+      keepAliveTimeoutMs: c.limits.idleTimeoutMs ?? 60_000,
+      idleTimeoutMs: this.#idleMs,
+    });
   }
 
   /** An undici connector that dials this host itself, so connect and TLS failures are classified. */
@@ -713,7 +757,7 @@ export class ClusterManager {
     const opts: PoolRequest = { method: req.method, path: req.path, headers: req.headers, body: req.body };
     if (servername !== undefined) opts.servername = servername;
     try {
-      this.#pool(h).dispatch(opts, ex as unknown as PoolHandler);
+      this.#pool(h, req.downstreamProtocol).dispatch(opts, ex as unknown as PoolHandler);
     } catch (err) {
       ex.fail(classify(err, c.name, h.label));
     }

@@ -16,37 +16,8 @@
  */
 import type { Readable } from 'node:stream';
 import type * as net from 'node:net';
+import { poolError, type Connector, type PoolHandler, type PoolRequest, type UpstreamPool } from './pool.js';
 
-/** Header fields as the handler receives them: name, value, name, value (names as the peer sent them). */
-export type PoolRawHeaders = (string | string[] | Buffer | (Buffer | string)[])[];
-
-export interface PoolRequest {
-  method: string;
-  path: string;
-  /** The list form (name, value, …); a value may be a list (one line per entry). */
-  headers: (string | string[])[] | Record<string, string | string[]>;
-  body: Readable | Buffer | null;
-  /** TLS server name for the connection (connections are reused only for the same one). */
-  servername?: string;
-}
-
-export interface PoolHandler {
-  onConnect(abort: (err?: Error) => void): void;
-  /** Returns false to pause the body after this call; `resume` continues it. */
-  onHeaders(statusCode: number, rawHeaders: PoolRawHeaders, resume: () => void, statusText: string): boolean;
-  onData(chunk: Buffer): boolean;
-  onComplete(trailers: PoolRawHeaders | null): void;
-  onError(err: Error): void;
-}
-
-/** What the cluster manager needs from any per-endpoint pool (this one or undici's h2 Pool). */
-export interface UpstreamPool {
-  dispatch(req: PoolRequest, handler: PoolHandler): boolean;
-  close(): Promise<void>;
-  destroy(): Promise<void>;
-}
-
-export type Connector = (servername: string | undefined, cb: (err: Error | null, socket: net.Socket | null) => void) => void;
 
 export interface H1PoolOptions {
   connect: Connector;
@@ -76,10 +47,6 @@ const CRLF = Buffer.from('\r\n');
 const PAYLOAD_METHODS = new Set(['POST', 'PUT', 'PATCH']);
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'DELETE', 'PUT']);
 
-/** An error carrying the code the cluster manager classifies (codes as undici names them). */
-function poolError(code: string, message: string): Error & { code: string } {
-  return Object.assign(new Error(message), { code });
-}
 
 class PendingRequest {
   /** A stale keep-alive connection closed under it before any response byte: sent again once. */

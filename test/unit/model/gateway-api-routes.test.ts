@@ -286,13 +286,16 @@ ${service('svc', 443, '10.0.0.1')}${service('svc2', 443, '10.0.0.2')}`);
   const c = s.snapshot.clusters['outbound|443||svc.default.svc.cluster.local']!;
   assert.equal(c.httpProtocol, 'h2');
   assert.deepEqual(c.tls?.alpn, ['h2']);
-  // svc2 has no TLS: h2c is not originated yet, and that is said rather than silently degraded.
-  assert.ok(s.diagnostics.some((d) => d.code === 'TG4001' && /h2c/.test(d.message)));
+  // svc2 has no TLS: HTTP/2 cleartext (h2c) with prior knowledge, nothing to warn about.
+  const c2 = Object.values(s.snapshot.clusters).find((x) => x.serviceHost === 'svc2.default.svc.cluster.local');
+  assert.equal(c2?.httpProtocol, 'h2');
+  assert.equal(c2?.tls, undefined);
+  assert.ok(!s.diagnostics.some((d) => d.code === 'TG4001' && /gRPC|h2c/.test(d.message)), JSON.stringify(s.diagnostics));
   assert.match(statusOf(s.snapshot, 'GRPCRoute', 'g').join('\n'), /parent default\/gw\/https: Accepted=True/);
   assert.ok(!s.diagnostics.some((d) => d.code === 'TG4001' && /GRPCRoute/.test(d.message)));
 });
 
-test('GRPCRoute: not on plaintext HTTP listeners (no h2c), and an HTTPRoute sharing its hostname loses to the older route', () => {
+test('GRPCRoute: also on plaintext HTTP listeners (h2c), and an HTTPRoute sharing its hostname loses to the older route', () => {
   const s = tr(`${httpsGateway()}
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -323,9 +326,12 @@ ${service('svc', 443, '10.0.0.1', ', appProtocol: kubernetes.io/h2c')}`);
   assert.deepEqual(vhs.find((v) => v.name === 'shared.example.com')!.routes.map((r) => r.name), ['default/b-grpc#rules[0]']);
   assert.deepEqual(vhs.find((v) => v.name === 'own.example.com')!.routes.map((r) => r.name), ['default/b-grpc#rules[0]']);
   assert.match(statusOf(s.snapshot, 'HTTPRoute', 'a-web').join('\n'), /parent default\/gw\/https: Accepted=False \(UnsupportedValue\): listener https already routes shared\.example\.com with the older GRPCRoute default\/b-grpc/);
-  assert.match(statusOf(s.snapshot, 'GRPCRoute', 'plain').join('\n'), /parent default\/gw\/http: Accepted=False \(NotAllowedByListeners\)/);
-  const http = (listener(s.snapshot, 8080).filterChains[0]!.filter as HttpConnectionManager).routeConfig.virtualHosts;
-  assert.deepEqual(http, []);
+  // Plaintext listeners serve HTTP/2 with prior knowledge, so a GRPCRoute attaches there too.
+  assert.match(statusOf(s.snapshot, 'GRPCRoute', 'plain').join('\n'), /parent default\/gw\/http: Accepted=True/);
+  assert.ok(!s.diagnostics.some((d) => d.code === 'TG6002'), JSON.stringify(s.diagnostics));
+  const httpChain = listener(s.snapshot, 8080).filterChains[0]!.filter as HttpConnectionManager;
+  assert.equal(httpChain.http2, true);
+  assert.deepEqual(httpChain.routeConfig.virtualHosts.map((v) => [v.name, v.routes.map((r) => r.name)]), [['*', ['default/plain#rules[0]']]]);
 });
 
 test('HTTP and HTTPS listeners on one port: both Conflicted (ProtocolConflict), neither accepted nor programmed', () => {

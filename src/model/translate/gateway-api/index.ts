@@ -296,10 +296,10 @@ function validateListener(ctx: TranslateContext, refs: GatewayApiRefs, book: Sta
   const passthrough = tlsSpec?.mode === 'Passthrough';
   if (protocol === 'HTTPS' && passthrough) return reject('tls.mode', 'Invalid', 'tls mode must be Terminate for protocol HTTPS', 'use protocol TLS with a TLSRoute to pass TLS through');
 
-  // Route kinds this listener takes.
+  // Route kinds this listener takes. HTTP takes GRPCRoute as HTTPS does: plaintext listeners
+  // serve HTTP/2 with prior knowledge (h2c) next to HTTP/1.1.
   const supported = protocol === 'TLS' ? (passthrough ? ['TLSRoute'] : ['TLSRoute', 'TCPRoute']) : cls === 'tcp' ? ['TCPRoute']
-    // gRPC over a plaintext listener needs h2c with prior knowledge, which tlsgate does not serve yet.
-    : protocol === 'HTTPS' ? ['HTTPRoute', 'GRPCRoute'] : ['HTTPRoute'];
+    : ['HTTPRoute', 'GRPCRoute'];
   const kinds = new Set<string>();
   const asked = l.allowedRoutes?.kinds;
   if (asked?.length) {
@@ -581,7 +581,7 @@ function httpChain(ctx: TranslateContext, book: StatusBook, http: HttpRouteBuild
   const hcm: HttpConnectionManager = {
     kind: 'http',
     routeConfig: { name: `http.${first.port}`, virtualHosts: virtualHosts(ctx, book, http, list) },
-    scheme: 'http', misdirectedDomains: [], forwardClientCertDetails: 'SANITIZE', http2: false,
+    scheme: 'http', misdirectedDomains: [], forwardClientCertDetails: 'SANITIZE', http2: true,
   };
   return { name: list.map((e) => `${e.gwKey}/${e.spec.name}`).join(','), match: { serverNames: [], applicationProtocols: [] }, filter: hcm, origin: ctx.origin(first.gw, first.path) };
 }

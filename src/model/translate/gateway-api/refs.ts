@@ -181,7 +181,6 @@ export class GatewayApiRefs {
       cluster.discovery = 'STATIC';
       cluster.tls = { mode: 'SIMPLE', autoSni: false, validationCa: this.ctx.addSecret({ name: 'system', source: { kind: 'system-roots' } }), subjectAltNames: [], autoSanValidation: true, insecureSkipVerify: false, alpn: [], minVersion: 'TLSv1.2', maxVersion: 'TLSv1.3' };
     } else if (fromDr?.tls) cluster.tls = fromDr.tls;
-    if (grpc && !cluster.tls) this.#h1ForGrpc(route, path, host);
     this.clusters.clusters[name] = cluster;
     return name;
   }
@@ -208,10 +207,13 @@ export class GatewayApiRefs {
     return this.#policyClusters;
   }
 
-  /** gRPC to a backend tlsgate reaches over plaintext or HTTP/1.1: say why it will fail. */
+  /**
+   * gRPC to a port whose cluster already exists as HTTP/1.1 (made for an earlier HTTP route, the
+   * port not declared HTTP/2): one cluster speaks one protocol, so these calls will fail.
+   */
   #h1ForGrpc(route: GatewayApiResource, path: string, host: string): void {
-    this.ctx.warn('TG4001', route, path, `not supported yet: gRPC to ${host} without TLS needs HTTP/2 cleartext (h2c), which tlsgate does not originate; requests go out as HTTP/1.1`,
-      'originate TLS to the backend (BackendTLSPolicy, or a DestinationRule with tls) so HTTP/2 is negotiated by ALPN');
+    this.ctx.warn('TG4001', route, path, `not supported yet: gRPC to ${host} over a cluster that speaks HTTP/1.1 (the port is not declared HTTP/2, and another route reaches it too); requests go out as HTTP/1.1`,
+      'set appProtocol: kubernetes.io/h2c (or grpc) on the Service port, so every route reaches it over HTTP/2');
   }
 
   #policyName(ns: string, svc: string, portName: string | undefined): string {
