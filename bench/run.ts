@@ -606,7 +606,9 @@ async function main(): Promise<void> {
     // Memory per idle TLS connection (one round: RSS is not noisy the way throughput is).
     const memRows: string[] = [];
     if (WORKERS === 1 && (ONLY === undefined || ONLY.includes('memory'))) {
-      for (const [label, port, sni] of [['passthrough', 'pass', true], ['termination', 'term', false]] as const) {
+      // Termination first: RSS grows in steps, and heap left free by the passthrough phase (how
+      // much depends on how passthrough connections are relayed) would hide part of the growth.
+      for (const [label, port, sni] of [['termination', 'term', false], ['passthrough', 'pass', true]] as const) {
         const cells: string[] = [];
         let nginxKb = NaN;
         for (const name of order) {
