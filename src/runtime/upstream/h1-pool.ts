@@ -16,7 +16,7 @@
  */
 import type { Readable } from 'node:stream';
 import type * as net from 'node:net';
-import { poolError, type Connector, type PoolHandler, type PoolRequest, type UpstreamPool } from './pool.js';
+import { PendingRequest, QueuedPool, poolError, type Connector, type PoolRequest } from './pool.js';
 
 
 export interface H1PoolOptions {
@@ -47,12 +47,6 @@ const CRLF = Buffer.from('\r\n');
 const PAYLOAD_METHODS = new Set(['POST', 'PUT', 'PATCH']);
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'DELETE', 'PUT']);
 
-
-class PendingRequest {
-  /** A stale keep-alive connection closed under it before any response byte: sent again once. */
-  retried = false;
-  constructor(readonly req: PoolRequest, readonly handler: PoolHandler) {}
-}
 
 const enum Body { None, Length, Chunked, UntilClose }
 const enum Chunk { Size, Data, DataEnd, Trailers }
@@ -606,61 +600,37 @@ class Conn {
   }
 }
 
-export class H1Pool implements UpstreamPool {
+export class H1Pool extends QueuedPool {
   readonly opts: H1PoolOptions;
   readonly #conns = new Set<Conn>();
   /** Most recently used last (reused first: its socket is the warmest). */
   readonly #idle: Conn[] = [];
-  readonly #queue: PendingRequest[] = [];
-  #connecting = 0;
-  #scheduled = false;
-  #closing = false;
-  #destroyed = false;
-  #closed: (() => void) | undefined;
 
   constructor(opts: H1PoolOptions) {
+    super();
     this.opts = opts;
   }
 
-  dispatch(req: PoolRequest, handler: PoolHandler): boolean {
-    if (this.#closing || this.#destroyed) {
-      queueMicrotask(() => handler.onError(poolError('UND_ERR_CLOSED', 'the upstream pool is closed')));
-      return false;
-    }
-    this.#queue.push(new PendingRequest(req, handler));
-    // Handlers are never called from inside dispatch (the caller has not seen its control yet).
-    if (!this.#scheduled) {
-      this.#scheduled = true;
-      queueMicrotask(this.#scheduledDrive);
-    }
-    return true;
-  }
-
-  #scheduledDrive = (): void => {
-    this.#scheduled = false;
-    this.#drive();
-  };
-
   requeue(p: PendingRequest): void {
-    this.#queue.unshift(p);
-    this.#drive();
+    this.queue.unshift(p);
+    this.drive();
   }
 
   connIdle(c: Conn): void {
     this.#idle.push(c);
-    this.#drive();
+    this.drive();
   }
 
   connDone(c: Conn): void {
     if (!this.#conns.delete(c)) return;
     const i = this.#idle.indexOf(c);
     if (i >= 0) this.#idle.splice(i, 1);
-    this.#drive();
+    this.drive();
   }
 
-  #drive(): void {
-    while (this.#queue.length > 0 && !this.#destroyed) {
-      const next = this.#queue[0]!;
+  drive(): void {
+    while (this.queue.length > 0 && !this.destroyed) {
+      const next = this.queue[0]!;
       const name = next.req.servername;
       let conn: Conn | undefined;
       for (let i = this.#idle.length - 1; i >= 0; i--) {
@@ -672,12 +642,12 @@ export class H1Pool implements UpstreamPool {
         }
       }
       if (conn !== undefined) {
-        this.#queue.shift();
+        this.queue.shift();
         conn.start(next);
         continue;
       }
       const limit = this.opts.connections ?? Infinity;
-      if (this.#conns.size + this.#connecting >= limit) {
+      if (this.#conns.size + this.connecting >= limit) {
         // At the limit: an idle connection made for another server name gives way.
         const other = this.#idle.shift();
         if (other === undefined) break;
@@ -686,24 +656,24 @@ export class H1Pool implements UpstreamPool {
       }
       // A connection for the head of the queue; whoever is first when it is up gets it. More
       // dials than waiting requests are never in flight.
-      if (this.#connecting >= this.#queue.length) break;
+      if (this.connecting >= this.queue.length) break;
       this.#dial(name);
     }
-    this.#maybeClosed();
+    this.maybeClosed();
   }
 
   #dial(servername: string | undefined): void {
-    this.#connecting++;
+    this.connecting++;
     this.opts.connect(servername, (err, socket) => {
-      this.#connecting--;
+      this.connecting--;
       if (err !== null || socket === null) {
         // The request waiting longest gets the failure; the others get dials of their own.
-        const p = this.#queue.shift();
+        const p = this.queue.shift();
         if (p !== undefined) p.handler.onError(err ?? poolError('UND_ERR_SOCKET', 'connect failed'));
-        this.#drive();
+        this.drive();
         return;
       }
-      if (this.#destroyed) {
+      if (this.destroyed) {
         socket.destroy();
         return;
       }
@@ -713,43 +683,17 @@ export class H1Pool implements UpstreamPool {
     });
   }
 
-  #maybeClosed(): void {
-    if (!this.#closing || this.#closed === undefined) return;
-    if (this.#queue.length > 0 || this.#connecting > 0) return;
-    for (const c of this.#conns) if (c.current !== undefined) return;
+  protected settle(): boolean {
+    for (const c of this.#conns) if (c.current !== undefined) return false;
     for (const c of [...this.#conns]) c.destroy(poolError('UND_ERR_CLOSED', 'pool closed'));
     this.#conns.clear();
     this.#idle.length = 0;
-    const done = this.#closed;
-    this.#closed = undefined;
-    done();
+    return true;
   }
 
-  /** Lets requests in flight and queued finish, then closes every connection. */
-  close(): Promise<void> {
-    this.#closing = true;
-    return new Promise((resolve) => {
-      const prev = this.#closed;
-      this.#closed = () => {
-        prev?.();
-        resolve();
-      };
-      this.#maybeClosed();
-    });
-  }
-
-  /** Closes everything now; requests in flight and queued fail. */
-  destroy(): Promise<void> {
-    this.#destroyed = true;
-    this.#closing = true;
-    const err = poolError('UND_ERR_DESTROYED', 'the upstream pool was destroyed');
-    for (const p of this.#queue.splice(0)) p.handler.onError(err);
+  protected destroyAll(err: Error): void {
     for (const c of [...this.#conns]) c.destroy(err);
     this.#conns.clear();
     this.#idle.length = 0;
-    const done = this.#closed;
-    this.#closed = undefined;
-    done?.();
-    return Promise.resolve();
   }
 }

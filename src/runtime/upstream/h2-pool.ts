@@ -17,7 +17,7 @@
 import * as http2 from 'node:http2';
 import type * as net from 'node:net';
 import type { Readable } from 'node:stream';
-import { poolError, type Connector, type PoolHandler, type PoolRawHeaders, type PoolRequest, type UpstreamPool } from './pool.js';
+import { PendingRequest, QueuedPool, poolError, type Connector, type PoolRawHeaders, type PoolRequest } from './pool.js';
 
 export interface H2PoolOptions {
   connect: Connector;
@@ -44,12 +44,6 @@ const MAX_HEADER_LIST = 64 * 1024;
 
 /** Request fields that only mean something to one HTTP/1.1 connection (RFC 9113 §8.2.2). */
 const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'host', 'http2-settings']);
-
-class Pending {
-  /** Refused by the peer before it was processed (REFUSED_STREAM): sent again once. */
-  retried = false;
-  constructor(readonly req: PoolRequest, readonly handler: PoolHandler) {}
-}
 
 /** One HTTP/2 connection and its streams. */
 class Session {
@@ -89,7 +83,7 @@ class Session {
     return max - this.streams.size;
   }
 
-  start(p: Pending): void {
+  start(p: PendingRequest): void {
     this.#clearIdle();
     this.started++;
     const ex = new Exchange2(this, p);
@@ -150,7 +144,7 @@ class Exchange2 {
   #trailers: PoolRawHeaders | null = null;
   #bodyCleanup: (() => void) | undefined;
 
-  constructor(readonly s: Session, readonly p: Pending) {}
+  constructor(readonly s: Session, readonly p: PendingRequest) {}
 
   start(): void {
     const { req, handler } = this.p;
@@ -373,41 +367,17 @@ function toRaw(h: http2.IncomingHttpHeaders): PoolRawHeaders {
   return out;
 }
 
-export class H2Pool implements UpstreamPool {
+export class H2Pool extends QueuedPool {
   readonly opts: H2PoolOptions;
   readonly #sessions = new Set<Session>();
-  readonly #queue: Pending[] = [];
-  #connecting = 0;
-  #scheduled = false;
-  #closing = false;
-  #destroyed = false;
-  #closed: (() => void) | undefined;
 
   constructor(opts: H2PoolOptions) {
+    super();
     this.opts = opts;
   }
 
-  dispatch(req: PoolRequest, handler: PoolHandler): boolean {
-    if (this.#closing || this.#destroyed) {
-      queueMicrotask(() => handler.onError(poolError('UND_ERR_CLOSED', 'the upstream pool is closed')));
-      return false;
-    }
-    this.#queue.push(new Pending(req, handler));
-    // Handlers are never called from inside dispatch (the caller has not seen its control yet).
-    if (!this.#scheduled) {
-      this.#scheduled = true;
-      queueMicrotask(this.#scheduledDrive);
-    }
-    return true;
-  }
-
-  #scheduledDrive = (): void => {
-    this.#scheduled = false;
-    this.drive();
-  };
-
-  requeue(p: Pending): void {
-    this.#queue.unshift(p);
+  requeue(p: PendingRequest): void {
+    this.queue.unshift(p);
     queueMicrotask(() => this.drive());
   }
 
@@ -417,8 +387,8 @@ export class H2Pool implements UpstreamPool {
   }
 
   drive(): void {
-    while (this.#queue.length > 0 && !this.#destroyed) {
-      const next = this.#queue[0]!;
+    while (this.queue.length > 0 && !this.destroyed) {
+      const next = this.queue[0]!;
       const name = next.req.servername;
       let best: Session | undefined;
       for (const s of this.#sessions) {
@@ -428,13 +398,13 @@ export class H2Pool implements UpstreamPool {
         }
       }
       if (best !== undefined) {
-        this.#queue.shift();
+        this.queue.shift();
         best.start(next);
         continue;
       }
       // Every session is full (or none is up): one more, within the connection limit. A session
       // being dialled serves everything queued once it is up, so one dial at a time is enough.
-      if (this.#connecting > 0) break;
+      if (this.connecting > 0) break;
       const limit = this.opts.connections ?? Infinity;
       let open = 0;
       for (const s of this.#sessions) if (!s.closed) open++;
@@ -448,29 +418,29 @@ export class H2Pool implements UpstreamPool {
       this.#dial(name);
       break;
     }
-    this.#maybeClosed();
+    this.maybeClosed();
   }
 
   #dial(servername: string | undefined): void {
-    this.#connecting++;
+    this.connecting++;
     this.opts.connect(servername, (err, socket) => {
-      this.#connecting--;
+      this.connecting--;
       if (err !== null || socket === null) {
         // Nothing to wait for with this server name: everything queued for it fails now.
         const hasSession = [...this.#sessions].some((s) => s.servername === servername && !s.draining);
         const e = err ?? poolError('UND_ERR_SOCKET', 'connect failed');
         if (hasSession) {
-          const i = this.#queue.findIndex((p) => p.req.servername === servername);
-          if (i >= 0) this.#queue.splice(i, 1)[0]!.handler.onError(e);
+          const i = this.queue.findIndex((p) => p.req.servername === servername);
+          if (i >= 0) this.queue.splice(i, 1)[0]!.handler.onError(e);
         } else {
-          const failed = this.#queue.filter((p) => p.req.servername === servername);
-          for (let i = this.#queue.length - 1; i >= 0; i--) if (this.#queue[i]!.req.servername === servername) this.#queue.splice(i, 1);
+          const failed = this.queue.filter((p) => p.req.servername === servername);
+          for (let i = this.queue.length - 1; i >= 0; i--) if (this.queue[i]!.req.servername === servername) this.queue.splice(i, 1);
           for (const p of failed) p.handler.onError(e);
         }
         this.drive();
         return;
       }
-      if (this.#destroyed) {
+      if (this.destroyed) {
         socket.destroy();
         return;
       }
@@ -496,40 +466,13 @@ export class H2Pool implements UpstreamPool {
     this.#sessions.add(new Session(this, session, servername));
   }
 
-  #maybeClosed(): void {
-    if (!this.#closing || this.#closed === undefined) return;
-    if (this.#queue.length > 0 || this.#connecting > 0) return;
+  protected settle(): boolean {
     for (const s of this.#sessions) s.drain();
-    if (this.#sessions.size > 0) return;
-    const done = this.#closed;
-    this.#closed = undefined;
-    done();
+    return this.#sessions.size === 0;
   }
 
-  /** Lets requests in flight and queued finish, then closes every session. */
-  close(): Promise<void> {
-    this.#closing = true;
-    return new Promise((resolve) => {
-      const prev = this.#closed;
-      this.#closed = () => {
-        prev?.();
-        resolve();
-      };
-      this.#maybeClosed();
-    });
-  }
-
-  /** Closes everything now; requests in flight and queued fail. */
-  destroy(): Promise<void> {
-    this.#destroyed = true;
-    this.#closing = true;
-    const err = poolError('UND_ERR_DESTROYED', 'the upstream pool was destroyed');
-    for (const p of this.#queue.splice(0)) p.handler.onError(err);
+  protected destroyAll(err: Error): void {
     for (const s of [...this.#sessions]) s.destroy(err);
     this.#sessions.clear();
-    const done = this.#closed;
-    this.#closed = undefined;
-    done?.();
-    return Promise.resolve();
   }
 }

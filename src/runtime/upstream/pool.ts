@@ -40,3 +40,87 @@ export type Connector = (servername: string | undefined, cb: (err: Error | null,
 export function poolError(code: string, message: string): Error & { code: string } {
   return Object.assign(new Error(message), { code });
 }
+
+/** A request waiting for, or being served on, a connection. */
+export class PendingRequest {
+  /** Already sent again once (a stale connection, a refused stream): never a second time. */
+  retried = false;
+  constructor(readonly req: PoolRequest, readonly handler: PoolHandler) {}
+}
+
+/**
+ * What our pools share: requests wait in FIFO order, the subclass's `drive()` serves them on its
+ * connections, and close() resolves once nothing is queued or being dialled and `settle()` has
+ * closed every connection.
+ */
+export abstract class QueuedPool implements UpstreamPool {
+  protected readonly queue: PendingRequest[] = [];
+  protected connecting = 0;
+  protected closing = false;
+  protected destroyed = false;
+  #scheduled = false;
+  #closed: (() => void) | undefined;
+
+  dispatch(req: PoolRequest, handler: PoolHandler): boolean {
+    if (this.closing || this.destroyed) {
+      queueMicrotask(() => handler.onError(poolError('UND_ERR_CLOSED', 'the upstream pool is closed')));
+      return false;
+    }
+    this.queue.push(new PendingRequest(req, handler));
+    // Handlers are never called from inside dispatch (the caller has not seen its control yet).
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      queueMicrotask(this.#scheduledDrive);
+    }
+    return true;
+  }
+
+  #scheduledDrive = (): void => {
+    this.#scheduled = false;
+    this.drive();
+  };
+
+  /** Serves the queue as far as the connections allow, then calls maybeClosed(). */
+  abstract drive(): void;
+
+  /** While closing: closes the connections that are done; true once none is left. */
+  protected abstract settle(): boolean;
+
+  /** Ends every connection now; requests on them fail with `err`. */
+  protected abstract destroyAll(err: Error): void;
+
+  protected maybeClosed(): void {
+    if (!this.closing || this.#closed === undefined) return;
+    if (this.queue.length > 0 || this.connecting > 0) return;
+    if (!this.settle()) return;
+    const done = this.#closed;
+    this.#closed = undefined;
+    done();
+  }
+
+  /** Lets requests in flight and queued finish, then closes every connection. */
+  close(): Promise<void> {
+    this.closing = true;
+    return new Promise((resolve) => {
+      const prev = this.#closed;
+      this.#closed = () => {
+        prev?.();
+        resolve();
+      };
+      this.maybeClosed();
+    });
+  }
+
+  /** Closes everything now; requests in flight and queued fail. */
+  destroy(): Promise<void> {
+    this.destroyed = true;
+    this.closing = true;
+    const err = poolError('UND_ERR_DESTROYED', 'the upstream pool was destroyed');
+    for (const p of this.queue.splice(0)) p.handler.onError(err);
+    this.destroyAll(err);
+    const done = this.#closed;
+    this.#closed = undefined;
+    done?.();
+    return Promise.resolve();
+  }
+}
