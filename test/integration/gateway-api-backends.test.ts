@@ -14,6 +14,7 @@ import { curl, run } from '../helpers/exec.js';
 import { nginxBinary, nginxTlsServer, startNginx, type Nginx } from '../helpers/nginx.js';
 import { freePorts } from '../helpers/ports.js';
 import { runCli, startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { grpcFrame, h2Request, type H2Response } from '../helpers/http2-client.js';
 
 let dir: string;
 let gwCa: Ca, upCa: Ca, wrongCa: Ca;
@@ -64,29 +65,10 @@ async function startGrpcUpstream(cert: KeyPair): Promise<typeof grpcUp> {
 }
 
 /** One gRPC-style call through the gateway: POST with application/grpc, a framed body, trailers read. */
-function grpcCall(rpcPath: string, extra: Record<string, string> = {}): Promise<{ status: number; headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }> {
-  return new Promise((resolve, reject) => {
-    const session = http2.connect(`https://127.0.0.1:${HTTPS}`, { ca: gwCa.certPem, servername: 'grpc.example.com' });
-    const timer = setTimeout(() => { session.destroy(); reject(new Error('gRPC call timed out')); }, 10_000);
-    timer.unref();
-    session.on('error', (e) => { clearTimeout(timer); reject(e); });
-    const req = session.request({ ':method': 'POST', ':authority': `grpc.example.com:${HTTPS}`, ':path': rpcPath, 'content-type': 'application/grpc', te: 'trailers', ...extra });
-    let headers: http2.IncomingHttpHeaders = {}, trailers: http2.IncomingHttpHeaders = {};
-    const chunks: Buffer[] = [];
-    req.on('response', (h) => { headers = h; });
-    req.on('trailers', (t) => { trailers = t; });
-    req.on('data', (c: Buffer) => { if (chunks.length < 100) chunks.push(c); });
-    req.on('error', (e) => { clearTimeout(timer); session.destroy(); reject(e); });
-    req.on('end', () => {
-      clearTimeout(timer);
-      session.close();
-      resolve({ status: Number(headers[':status']), headers, trailers, body: Buffer.concat(chunks) });
-    });
-    const msg = Buffer.from('hello');
-    const frame = Buffer.concat([Buffer.from([0, 0, 0, 0, 0]), msg]);
-    frame.writeUInt32BE(msg.length, 1);
-    req.end(frame);
-  });
+function grpcCall(rpcPath: string, extra: Record<string, string> = {}): Promise<H2Response> {
+  return h2Request(`https://127.0.0.1:${HTTPS}`, { ca: gwCa.certPem, servername: 'grpc.example.com' },
+    { ':method': 'POST', ':authority': `grpc.example.com:${HTTPS}`, ':path': rpcPath, 'content-type': 'application/grpc', te: 'trailers', ...extra },
+    grpcFrame('hello'), { timeoutMs: 10_000, maxChunks: 100 });
 }
 
 function config(): string {

@@ -23,6 +23,7 @@ import { makeCa, makeLeaf, writeSecretYaml, type Ca, type KeyPair } from '../hel
 import { curl, resolveArgs } from '../helpers/exec.js';
 import { freePort, freePorts } from '../helpers/ports.js';
 import { runCli, startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { grpcFrame, h2Request, type H2Response } from '../helpers/http2-client.js';
 import { H2Pool } from '../../src/runtime/upstream/h2-pool.js';
 
 const MiB = 1024 * 1024;
@@ -93,34 +94,9 @@ async function startH2cBackend(): Promise<Backend> {
 }
 
 /** One request to the gateway over HTTP/2 (TLS); body and trailers collected. */
-function h2Call(port: number, ca: string, opts: { authority: string; path: string; method?: string; headers?: Record<string, string>; body?: Buffer }):
-  Promise<{ status: number; headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }> {
-  return new Promise((resolve, reject) => {
-    const session = http2.connect(`https://127.0.0.1:${port}`, { ca, servername: opts.authority });
-    const timer = setTimeout(() => { session.destroy(); reject(new Error('HTTP/2 call timed out')); }, 15_000);
-    timer.unref();
-    session.on('error', (e) => { clearTimeout(timer); reject(e); });
-    const req = session.request({ ':method': opts.method ?? 'GET', ':authority': opts.authority, ':path': opts.path, ...opts.headers });
-    let headers: http2.IncomingHttpHeaders = {}, trailers: http2.IncomingHttpHeaders = {};
-    const chunks: Buffer[] = [];
-    req.on('response', (h) => { headers = h; });
-    req.on('trailers', (t) => { trailers = t; });
-    req.on('data', (c: Buffer) => { chunks.push(c); });
-    req.on('error', (e) => { clearTimeout(timer); session.destroy(); reject(e); });
-    req.on('end', () => {
-      clearTimeout(timer);
-      session.close();
-      resolve({ status: Number(headers[':status']), headers, trailers, body: Buffer.concat(chunks) });
-    });
-    req.end(opts.body);
-  });
-}
-
-function grpcFrame(text: string): Buffer {
-  const msg = Buffer.from(text);
-  const frame = Buffer.concat([Buffer.from([0, 0, 0, 0, 0]), msg]);
-  frame.writeUInt32BE(msg.length, 1);
-  return frame;
+function h2Call(port: number, ca: string, opts: { authority: string; path: string; method?: string; headers?: Record<string, string>; body?: Buffer }): Promise<H2Response> {
+  return h2Request(`https://127.0.0.1:${port}`, { ca, servername: opts.authority },
+    { ':method': opts.method ?? 'GET', ':authority': opts.authority, ':path': opts.path, ...opts.headers }, opts.body);
 }
 
 /** HTTP/1.1 request to the gateway's HTTPS port, the body streamed in 64 KiB pieces. */

@@ -22,30 +22,13 @@ import { loadConfig } from '../../src/config/load.js';
 import { translate } from '../../src/model/translate/index.js';
 import { newConnectionId } from '../../src/runtime/connection-info.js';
 import { DataPlane } from '../../src/runtime/lifecycle.js';
-import type { AccessLogEntry, Telemetry } from '../../src/runtime/telemetry.js';
 import { certDir, makeCa, makeLeaf, writeSecretYaml, type Ca, type KeyPair } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
+import { RecordingTelemetry, localServiceEntry } from '../helpers/recording-telemetry.js';
 
 /** Connections per route in each test. */
 const N = 12;
-
-class RecordingTelemetry implements Telemetry {
-  entries: AccessLogEntry[] = [];
-  counts = new Map<string, number>();
-  accessLog(e: AccessLogEntry): void { this.entries.push(e); }
-  count(name: string, labels?: Record<string, string>, by = 1): void {
-    // Label order as given: the key also shows that a label set is unchanged.
-    const k = `${name}${JSON.stringify(labels ?? {})}`;
-    this.counts.set(k, (this.counts.get(k) ?? 0) + by);
-  }
-  observe(): void {}
-  gauge(): void {}
-  log(): void {}
-  countOf(name: string, labels: Record<string, string>): number {
-    return this.counts.get(`${name}${JSON.stringify(labels)}`) ?? 0;
-  }
-}
 
 let dir: string;
 let ca: Ca;
@@ -55,19 +38,6 @@ let tlsEcho: TcpServer;
 let dataPlane: DataPlane;
 const telemetry = new RecordingTelemetry();
 let P_TCP: number, P_PASS: number, P_TERM: number;
-
-function se(name: string, host: string, port: number, protocol = 'TCP'): string {
-  return `apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: ${name}}
-spec:
-  hosts: [${host}]
-  location: MESH_EXTERNAL
-  ports: [{number: ${port}, name: p, protocol: ${protocol}}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1}]
-`;
-}
 
 before(async () => {
   dir = await certDir('tlsgate-listener-accounting-');
@@ -124,8 +94,8 @@ spec:
   - match: [{port: ${P_TERM}}]
     route: [{destination: {host: echo.local, port: {number: ${echo.port}}}}]
 ---
-${se('echo', 'echo.local', echo.port)}---
-${se('tlsecho', 'tlsecho.local', tlsEcho.port, 'TLS')}`);
+${localServiceEntry('echo', 'echo.local', echo.port)}---
+${localServiceEntry('tlsecho', 'tlsecho.local', tlsEcho.port, 'TLS')}`);
   const loaded = await loadConfig([cfg]);
   const { snapshot, diagnostics } = translate(loaded.resources, { bindAddress: '127.0.0.1' });
   const errors = [...loaded.diagnostics, ...diagnostics].filter((d) => d.severity === 'error');
@@ -168,16 +138,6 @@ async function echoOnce(port: number, text: string, servername?: string): Promis
   await Promise.race([closed, sleep(5_000)]);
   socket.destroy();
   return localPort;
-}
-
-async function entryFor(localPort: number, timeoutMs = 5_000): Promise<AccessLogEntry> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const e = telemetry.entries.find((x) => x.downstream === `127.0.0.1:${localPort}`);
-    if (e) return e;
-    if (Date.now() > deadline) throw new Error(`no access-log entry for client port ${localPort}`);
-    await sleep(20);
-  }
 }
 
 /** Waits (bounded) until the data plane has no open downstream connection; returns the last count. */
@@ -231,7 +191,7 @@ describe('listener bookkeeping per connection', () => {
 
   it('a terminated connection without a client certificate is logged with its TLS version and no peer identity', async () => {
     const port = await echoOnce(P_TERM, 'who\n', 'term.example.com');
-    const e = await entryFor(port);
+    const e = await telemetry.entryFor(port);
     assert.equal(e.kind, 'tcp');
     assert.equal(e.reason, 'ok');
     assert.equal(e.sni, 'term.example.com');

@@ -24,6 +24,7 @@ import { after, before, describe, it } from 'node:test';
 import { curl } from '../helpers/exec.js';
 import { freePorts } from '../helpers/ports.js';
 import { runCli, startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { grpcFrame, h2Request, type H2Response } from '../helpers/http2-client.js';
 import type { Cluster } from '../../src/model/snapshot.js';
 import { ClusterManager } from '../../src/runtime/upstream/cluster-manager.js';
 
@@ -44,13 +45,6 @@ spec:
     ports: {${protocol.toLowerCase()}: ${inboundPort}}
     labels: {app: ${name}, security.istio.io/tlsMode: istio}
 `;
-}
-
-function grpcFrame(text: string): Buffer {
-  const msg = Buffer.from(text);
-  const frame = Buffer.concat([Buffer.from([0, 0, 0, 0, 0]), msg]);
-  frame.writeUInt32BE(msg.length, 1);
-  return frame;
 }
 
 interface GrpcApp {
@@ -91,28 +85,9 @@ async function startGrpcApp(): Promise<GrpcApp> {
  * One gRPC-shaped call as an app would make it through the client sidecar: HTTP/2 with prior
  * knowledge to the sidecar's outbound port, the destination (host and service port) in :authority.
  */
-function grpcCall(proxyPort: number, authority: string, pathname: string, body: Buffer):
-  Promise<{ status: number; headers: http2.IncomingHttpHeaders; trailers: http2.IncomingHttpHeaders; body: Buffer }> {
-  return new Promise((resolve, reject) => {
-    const session = http2.connect(`http://127.0.0.1:${proxyPort}`);
-    const timer = setTimeout(() => { session.destroy(); reject(new Error('call timed out')); }, 15_000);
-    timer.unref();
-    session.on('error', (e) => { clearTimeout(timer); reject(e); });
-    const req = session.request({ ':method': 'POST', ':scheme': 'http', ':authority': authority, ':path': pathname,
-      'content-type': 'application/grpc', te: 'trailers' });
-    let headers: http2.IncomingHttpHeaders = {}, trailers: http2.IncomingHttpHeaders = {};
-    const chunks: Buffer[] = [];
-    req.on('response', (h) => { headers = h; });
-    req.on('trailers', (t) => { trailers = t; });
-    req.on('data', (c: Buffer) => { chunks.push(c); });
-    req.on('error', (e) => { clearTimeout(timer); session.destroy(); reject(e); });
-    req.on('end', () => {
-      clearTimeout(timer);
-      session.close();
-      resolve({ status: Number(headers[':status']), headers, trailers, body: Buffer.concat(chunks) });
-    });
-    req.end(body);
-  });
+function grpcCall(proxyPort: number, authority: string, pathname: string, body: Buffer): Promise<H2Response> {
+  return h2Request(`http://127.0.0.1:${proxyPort}`, {}, { ':method': 'POST', ':scheme': 'http', ':authority': authority, ':path': pathname,
+    'content-type': 'application/grpc', te: 'trailers' }, body);
 }
 
 describe('sidecar inbound: the app gets the protocol the request arrived in', () => {

@@ -23,33 +23,14 @@ import { loadConfig } from '../../src/config/load.js';
 import { translate } from '../../src/model/translate/index.js';
 import { setRelayMode } from '../../src/runtime/chain/native-relay.js';
 import { DataPlane } from '../../src/runtime/lifecycle.js';
-import type { AccessLogEntry, Telemetry } from '../../src/runtime/telemetry.js';
 import { certDir, makeCa, makeLeaf, type Ca, type KeyPair } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { startBlackhole } from '../helpers/blackhole.js';
+import { RecordingTelemetry, localServiceEntry } from '../helpers/recording-telemetry.js';
 
 const IDLE_MS = 1_000;
 const CONNECT_TIMEOUT_MS = 500;
-
-class RecordingTelemetry implements Telemetry {
-  entries: AccessLogEntry[] = [];
-  accessLog(e: AccessLogEntry): void { this.entries.push(e); }
-  count(): void {}
-  observe(): void {}
-  gauge(): void {}
-  log(): void {}
-  /** The entry of the connection whose client side used local port `port`. */
-  async entryFor(port: number, timeoutMs = 5_000): Promise<AccessLogEntry> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const e = this.entries.find((x) => x.downstream === `127.0.0.1:${port}`);
-      if (e) return e;
-      if (Date.now() > deadline) throw new Error(`no access-log entry for client port ${port}: ${JSON.stringify(this.entries)}`);
-      await sleep(20);
-    }
-  }
-}
 
 /** The relay modes this build can run (`run --relay`): js always; native when the addon is built. */
 function relayModes(): { name: string; set(): void }[] {
@@ -69,19 +50,6 @@ let blackhole: Awaited<ReturnType<typeof startBlackhole>>;
 let dataPlane: DataPlane;
 const telemetry = new RecordingTelemetry();
 let P_TCP: number, P_PASS: number, P_TCP_CT: number, P_PASS_CT: number;
-
-function se(name: string, host: string, port: number, protocol = 'TCP'): string {
-  return `apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: ${name}}
-spec:
-  hosts: [${host}]
-  location: MESH_EXTERNAL
-  ports: [{number: ${port}, name: p, protocol: ${protocol}}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1}]
-`;
-}
 
 before(async () => {
   dir = await certDir('tlsgate-tcp-timeouts-');
@@ -158,9 +126,9 @@ spec:
     connectionPool:
       tcp: {idleTimeout: ${IDLE_MS}ms}
 ---
-${se('echo', 'echo.local', echo.port)}---
-${se('tlsecho', 'tlsecho.local', tlsEcho.port, 'TLS')}---
-${se('blackhole', 'blackhole.local', blackhole.port)}`);
+${localServiceEntry('echo', 'echo.local', echo.port)}---
+${localServiceEntry('tlsecho', 'tlsecho.local', tlsEcho.port, 'TLS')}---
+${localServiceEntry('blackhole', 'blackhole.local', blackhole.port)}`);
   const loaded = await loadConfig([cfg]);
   const { snapshot, diagnostics } = translate(loaded.resources, { bindAddress: '127.0.0.1' });
   const errors = [...loaded.diagnostics, ...diagnostics].filter((d) => d.severity === 'error');
