@@ -19,7 +19,19 @@
  * relay thread opens the upstream socket itself, so Node never builds a socket object for it.
  * It reports once when the connect succeeded ("connected"), then the usual final report; a
  * connect that fails or times out is itself the final report.
+ *
+ * listen() goes one step further for a TLS-inspecting listener: the relay thread accepts the
+ * connections itself and reads the first bytes (the ClientHello) into its own buffer, then hands
+ * them to JS ("hello" report) together with the connection. JS decides from those bytes alone:
+ * more bytes (more()), dial a plain TCP upstream and relay (acceptedConnect(): the bytes read go
+ * first), or a Node socket for everything else (adopt(): JS replays the bytes). A connection that
+ * takes the fast path never becomes a Node object at all. The listener's connection limit is
+ * enforced here, at accept, counting adopted sockets until JS releases them.
+ *
+ * Reports are batched: the relay thread queues them and wakes the main thread once per batch, so
+ * a busy relay costs one callback scope per wake-up, not one per report.
  */
+#include <stdatomic.h>
 #define _GNU_SOURCE
 #include <node_api.h>
 
@@ -50,21 +62,52 @@
 
 enum reason {
   END_OK = 0, END_DOWN_RESET, END_UP_RESET, END_IDLE, END_STOPPED, END_INTERNAL, END_CONNECT_FAILED, END_CONNECT_TIMEOUT,
-  CONNECTED /* not an end: the progress report of connect() */
+  CONNECTED, /* not an end: the progress report of connect() */
+  HELLO      /* not an end: bytes read from an accepted connection, which now belongs to JS */
 };
 static const char *const REASONS[] = {
   "ok", "downstream_reset", "upstream_reset", "idle_timeout", "stopped", "internal_error", "upstream_connect_failed",
-  "upstream_connect_timeout", "connected",
+  "upstream_connect_timeout", "connected", "hello",
 };
+/* Hello report status: bytes arrived / the peer closed / the hello timeout passed / reset. */
+enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
+/* Accepts per listener per wake-up (a level-triggered listener wakes again for the rest). */
+#define ACCEPT_BATCH 64
+/* After EMFILE and the like, the listener rests this long before accepting again. */
+#define ACCEPT_RETRY_MS 100
+/* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
+#define PIPE_POOL_MAX 64
+/* The longest a lazy report (CONNECTED) waits for a batch to ride along with. */
+#define LAZY_REPORT_MS 50
 /* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
 #define KEEPALIVE_IDLE_S 60
 
 struct conn;
+struct listener;
 
-/* What an epoll event points at: one side of one connection (or, with conn NULL, the wake fd). */
+/* What an epoll event points at: one side of one connection, a listener (conn NULL, lst set),
+ * or, with the pointer itself NULL, the wake fd. */
 struct side {
   struct conn *conn;
+  struct listener *lst;
   int which; /* 0 downstream, 1 upstream */
+};
+
+/*
+ * A listening socket the relay thread accepts on (a dup of Node's, which JS then closes). The
+ * limits are set from JS at any time; `open` counts connections accepted here and not yet closed
+ * (adopted ones until JS releases them). Never freed before teardown: connections point at it.
+ */
+struct listener {
+  uint32_t id;
+  int fd;
+  bool wildcard; /* bound to 0.0.0.0 / ::, so each connection's local address is looked up */
+  _Atomic uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
+  /* relay thread only */
+  bool closed, paused;
+  int64_t resume_at;
+  struct side side;
+  struct listener *next; /* every listener ever made (main thread adds under mu) */
 };
 
 /* One direction: src socket -> pipe -> dst socket. */
@@ -75,6 +118,9 @@ struct dir {
   size_t inpipe;   /* bytes spliced in, not yet out */
   uint64_t in, out; /* bytes read from src / written to dst */
   bool eof, done;
+  /* src may have bytes (or EOF) / dst may take bytes: cleared on EAGAIN, set by the next edge,
+   * so a pass does not try a socket epoll has not announced anything for since it would block. */
+  bool rd, wr;
   /* Bytes JS already read, written to dst ahead of anything spliced (connect() only). */
   uint8_t *head;
   size_t head_len, head_off;
@@ -92,20 +138,38 @@ struct conn {
   struct sockaddr_storage addr;
   socklen_t addrlen;
   bool closed, queued;
+  /* Reported to JS when it ends: every connection JS started (start, connect, acceptedConnect). */
+  bool submitted;
+  /* Accepted by the relay thread: counted in lst->open until closed (or released by JS). */
+  struct listener *lst;
+  /* Hello stage (accepted, bytes not yet decided on by JS). */
+  bool hello_stage;
+  uint8_t *hello;
+  size_t hello_len, hello_alloc, hello_sent, hello_limit;
+  int64_t hello_due;
+  struct sockaddr_storage peer, local;
   struct conn *hnext;       /* hash chain */
   struct conn *prev, *next; /* all live connections */
   struct conn *qnext;       /* ready queue (budget ran out) or dead list */
 };
 
 struct result {
+  struct result *next;
   uint32_t id;
   int reason;
   uint64_t down_read, up_written, up_read, down_written;
+  /* HELLO: the connection (now JS's), the new bytes hello[from, from+len), and why now. */
+  struct conn *conn;
+  size_t from, len;
+  int status;
 };
 
+enum cmd_kind { CMD_START, CMD_STOP, CMD_LISTEN, CMD_UNLISTEN, CMD_MORE, CMD_CLOSE_LISTENER };
+
 struct cmd {
-  int kind; /* 0 start, 1 stop */
+  enum cmd_kind kind;
   struct conn *conn;
+  struct listener *lst;
   uint32_t id;
   struct cmd *next;
 };
@@ -117,8 +181,25 @@ struct relay {
   int ep, wake;
   pthread_mutex_t mu;
   struct cmd *cmds, *cmds_tail;
-  uint32_t next_id;
-  uint32_t active; /* main thread only: started and not yet reported */
+  _Atomic uint32_t next_id;
+  uint32_t active; /* main thread only: started and not yet reported, plus one per listener */
+  /* Reports waiting for the main thread; the thread-safe function is called when it was empty. */
+  pthread_mutex_t rmu;
+  struct result *results, *results_tail;
+  bool wake_pending;
+  int64_t lazy_due; /* relay thread: when queued lazy reports go out on their own (-1: none) */
+  /* Empty pipe pairs for reuse, either thread (under pmu). */
+  pthread_mutex_t pmu;
+  int pipes[PIPE_POOL_MAX][2];
+  size_t pipe_caps[PIPE_POOL_MAX];
+  int npipes;
+  /* Listeners: every one made (under mu), and the next id. */
+  struct listener *listeners;
+  uint32_t next_lid;
+  /* main thread only: accepted connections JS has been told about and not yet decided on. */
+  struct conn *awaiting[HASH_BUCKETS];
+  napi_ref on_hello;
+  napi_env env;
   /* relay-thread state */
   struct conn *buckets[HASH_BUCKETS];
   struct conn *all;
@@ -137,17 +218,78 @@ static void close_fd(int *fd) {
   *fd = -1;
 }
 
-/* Releases what a connection holds besides its struct: descriptors and the unsent head. */
-static void free_conn_fds(struct conn *c) {
+static uint32_t new_id(struct relay *r) {
+  uint32_t id;
+  do id = atomic_fetch_add(&r->next_id, 1) + 1; while (id == 0);
+  return id;
+}
+
+/* A pipe for one direction: an empty one from the pool, else a new one. */
+static bool make_pipe(struct relay *r, struct dir *d) {
+  pthread_mutex_lock(&r->pmu);
+  if (r->npipes > 0) {
+    r->npipes--;
+    d->pr = r->pipes[r->npipes][0];
+    d->pw = r->pipes[r->npipes][1];
+    d->cap = r->pipe_caps[r->npipes];
+    pthread_mutex_unlock(&r->pmu);
+    return true;
+  }
+  pthread_mutex_unlock(&r->pmu);
+  int p[2];
+  if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0) return false;
+  d->pr = p[0];
+  d->pw = p[1];
+  int cap = fcntl(p[0], F_GETPIPE_SZ);
+  d->cap = cap > 0 ? (size_t)cap : 65536;
+  return true;
+}
+
+/* Gives a direction's pipe back: to the pool when it is empty (no bytes left behind), else closed. */
+static void drop_pipe(struct relay *r, struct dir *d) {
+  if (d->pr < 0) return;
+  if (d->inpipe == 0 && d->pw >= 0) {
+    pthread_mutex_lock(&r->pmu);
+    if (r->npipes < PIPE_POOL_MAX) {
+      r->pipes[r->npipes][0] = d->pr;
+      r->pipes[r->npipes][1] = d->pw;
+      r->pipe_caps[r->npipes] = d->cap;
+      r->npipes++;
+      d->pr = d->pw = -1;
+    }
+    pthread_mutex_unlock(&r->pmu);
+  }
+  close_fd(&d->pr);
+  close_fd(&d->pw);
+}
+
+/* Closes the pooled pipes: with no connection left, an idle relay holds no descriptors. */
+static void drain_pipe_pool(struct relay *r) {
+  pthread_mutex_lock(&r->pmu);
+  int n = r->npipes;
+  r->npipes = 0;
+  int fds[PIPE_POOL_MAX][2];
+  memcpy(fds, r->pipes, sizeof(int[2]) * (size_t)n);
+  pthread_mutex_unlock(&r->pmu);
+  for (int i = 0; i < n; i++) {
+    close(fds[i][0]);
+    close(fds[i][1]);
+  }
+}
+
+/* Releases what a connection holds besides its struct: descriptors, the unsent head, the hello. */
+static void free_conn_fds(struct relay *r, struct conn *c) {
   free(c->d2u.head);
   c->d2u.head = NULL;
   c->d2u.head_len = c->d2u.head_off = 0;
+  free(c->hello);
+  c->hello = NULL;
   close_fd(&c->fd[0]);
   close_fd(&c->fd[1]);
-  close_fd(&c->d2u.pr);
-  close_fd(&c->d2u.pw);
-  close_fd(&c->u2d.pr);
-  close_fd(&c->u2d.pw);
+  drop_pipe(r, &c->d2u);
+  drop_pipe(r, &c->u2d);
+  if (c->lst) atomic_fetch_sub(&c->lst->open, 1);
+  c->lst = NULL;
 }
 
 /* ---- relay thread ------------------------------------------------------------------------ */
@@ -164,9 +306,42 @@ static struct conn *hash_find(struct relay *r, uint32_t id) {
   return c;
 }
 
+static void note_deadline(struct relay *r, int64_t due);
+
+/*
+ * Queues a report. The main thread is woken once per batch: only when no wake-up is pending. A
+ * `lazy` report (CONNECTED: it only feeds a metric) wakes nobody; it rides along with the next
+ * batch, or goes out on its own after LAZY_REPORT_MS.
+ */
+static void push_result(struct relay *r, struct result *res, bool lazy) {
+  res->next = NULL;
+  pthread_mutex_lock(&r->rmu);
+  if (r->results_tail) r->results_tail->next = res; else r->results = res;
+  r->results_tail = res;
+  bool wake = !lazy && !r->wake_pending;
+  if (wake) r->wake_pending = true;
+  pthread_mutex_unlock(&r->rmu);
+  if (wake) napi_call_threadsafe_function(r->tsfn, NULL, napi_tsfn_nonblocking);
+  else if (lazy && r->lazy_due < 0) {
+    r->lazy_due = now_ms() + LAZY_REPORT_MS;
+    note_deadline(r, r->lazy_due);
+  }
+}
+
+/* Sends lazy reports still queued once their time has come (relay thread). */
+static void flush_lazy(struct relay *r, int64_t now) {
+  if (r->lazy_due < 0 || now < r->lazy_due) return;
+  r->lazy_due = -1;
+  pthread_mutex_lock(&r->rmu);
+  bool wake = r->results != NULL && !r->wake_pending;
+  if (wake) r->wake_pending = true;
+  pthread_mutex_unlock(&r->rmu);
+  if (wake) napi_call_threadsafe_function(r->tsfn, NULL, napi_tsfn_nonblocking);
+}
+
 /* Queues a report for JS: the final one, or CONNECTED (not an end). A failed malloc drops it. */
 static void report(struct relay *r, struct conn *c, int reason) {
-  struct result *res = malloc(sizeof *res);
+  struct result *res = calloc(1, sizeof *res);
   if (!res) return;
   res->id = c->id;
   res->reason = reason;
@@ -174,24 +349,39 @@ static void report(struct relay *r, struct conn *c, int reason) {
   res->up_written = c->d2u.out;
   res->up_read = c->u2d.in;
   res->down_written = c->u2d.out;
-  if (napi_call_threadsafe_function(r->tsfn, res, napi_tsfn_nonblocking) != napi_ok) free(res);
+  push_result(r, res, reason == CONNECTED);
 }
 
 /* Ends a connection: out of epoll, descriptors closed, one report to JS. Freed after the batch. */
+static void unlink_conn(struct relay *r, struct conn *c) {
+  hash_remove(r, c);
+  if (c->prev) c->prev->next = c->next; else if (r->all == c) r->all = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+}
+
+static void link_conn(struct relay *r, struct conn *c) {
+  c->hnext = r->buckets[c->id % HASH_BUCKETS];
+  r->buckets[c->id % HASH_BUCKETS] = c;
+  c->prev = NULL;
+  c->next = r->all;
+  if (r->all) r->all->prev = c;
+  r->all = c;
+}
+
 static void finish(struct relay *r, struct conn *c, int reason) {
   if (c->closed) return;
   c->closed = true;
   for (int i = 0; i < 2; i++) {
     /* JS still holds the same open file description, so closing our dup alone would not take
-     * it out of the epoll set: remove it explicitly. */
-    if (c->fd[i] >= 0) epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[i], NULL);
+     * it out of the epoll set: remove it explicitly. A connection the relay accepted and dialled
+     * itself has no other reference: the close does it. */
+    if (c->fd[i] >= 0 && !c->lst) epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[i], NULL);
   }
-  free_conn_fds(c);
-  hash_remove(r, c);
-  if (c->prev) c->prev->next = c->next; else if (r->all == c) r->all = c->next;
-  if (c->next) c->next->prev = c->prev;
-  c->prev = c->next = NULL;
-  report(r, c, reason);
+  free_conn_fds(r, c);
+  unlink_conn(r, c);
+  /* A connection still in its hello stage was never announced to JS: nothing to report. */
+  if (c->submitted) report(r, c, reason);
   if (!c->queued) {
     c->qnext = r->dead;
     r->dead = c;
@@ -209,7 +399,7 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
   long moved = 0;
   for (;;) {
     bool progress = false;
-    if (!d->eof && d->inpipe < d->cap) {
+    if (!d->eof && d->rd && d->inpipe < d->cap) {
       ssize_t n = splice(d->src, NULL, d->pw, NULL, d->cap - d->inpipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         d->inpipe += (size_t)n;
@@ -220,12 +410,14 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
         d->eof = true;
         moved++;
         progress = true;
-      } else if (errno != EAGAIN && errno != EINTR) {
+      } else if (errno == EAGAIN) {
+        d->rd = false;
+      } else if (errno != EINTR) {
         finish(r, c, src_reason);
         return -1;
       }
     }
-    if (d->head_off < d->head_len) {
+    if (d->head_off < d->head_len && d->wr) {
       ssize_t n = send(d->dst, d->head + d->head_off, d->head_len - d->head_off, MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n > 0) {
         d->head_off += (size_t)n;
@@ -237,19 +429,23 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
           d->head = NULL;
           d->head_len = d->head_off = 0;
         }
-      } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+      } else if (n < 0 && errno == EAGAIN) {
+        d->wr = false;
+      } else if (n < 0 && errno != EINTR) {
         finish(r, c, dst_reason);
         return -1;
       }
     }
-    if (d->inpipe > 0 && d->head_len == 0) {
+    if (d->inpipe > 0 && d->head_len == 0 && d->wr) {
       ssize_t n = splice(d->pr, NULL, d->dst, NULL, d->inpipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         d->inpipe -= (size_t)n;
         d->out += (uint64_t)n;
         moved += n;
         progress = true;
-      } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+      } else if (n < 0 && errno == EAGAIN) {
+        d->wr = false;
+      } else if (n < 0 && errno != EINTR) {
         finish(r, c, dst_reason);
         return -1;
       }
@@ -343,12 +539,8 @@ static int start_connect(struct conn *c) {
 
 static void add_conn(struct relay *r, struct conn *c) {
   c->last_ms = now_ms();
-  c->hnext = r->buckets[c->id % HASH_BUCKETS];
-  r->buckets[c->id % HASH_BUCKETS] = c;
-  c->prev = NULL;
-  c->next = r->all;
-  if (r->all) r->all->prev = c;
-  r->all = c;
+  c->d2u.rd = c->d2u.wr = c->u2d.rd = c->u2d.wr = true;
+  link_conn(r, c);
   int dial = 0;
   if (c->connecting) {
     c->connect_due = c->last_ms + c->connect_ms;
@@ -373,6 +565,180 @@ static void add_conn(struct relay *r, struct conn *c) {
   else if (dial == 0) connected(r, c);
 }
 
+/* ---- accepted connections: the hello stage ---------------------------------------------- */
+
+/* Hands the connection and the bytes read since the last report to JS, which now owns it. */
+static void deliver_hello(struct relay *r, struct conn *c, int status) {
+  struct result *res = calloc(1, sizeof *res);
+  if (!res) {
+    finish(r, c, END_INTERNAL);
+    return;
+  }
+  epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
+  unlink_conn(r, c);
+  res->id = c->id;
+  res->reason = HELLO;
+  res->conn = c;
+  res->from = c->hello_sent;
+  res->len = c->hello_len - c->hello_sent;
+  res->status = status;
+  c->hello_sent = c->hello_len;
+  push_result(r, res, false);
+}
+
+/*
+ * Reads what the client sent (up to the listener's cap) and reports it when there is something
+ * new, the peer closed or reset, or the cap is reached; otherwise waits for the next edge.
+ */
+static void hello_read(struct relay *r, struct conn *c) {
+  int status = -1;
+  while (c->hello_len < c->hello_limit) {
+    if (c->hello_len == c->hello_alloc) {
+      size_t want = c->hello_alloc ? c->hello_alloc * 2 : 2048;
+      if (want > c->hello_limit) want = c->hello_limit;
+      uint8_t *b = realloc(c->hello, want);
+      if (!b) {
+        finish(r, c, END_INTERNAL);
+        return;
+      }
+      c->hello = b;
+      c->hello_alloc = want;
+    }
+    ssize_t n = recv(c->fd[0], c->hello + c->hello_len, c->hello_alloc - c->hello_len, 0);
+    if (n > 0) {
+      c->hello_len += (size_t)n;
+      continue;
+    }
+    if (n == 0) {
+      c->d2u.eof = true;
+      status = HELLO_CLOSED;
+    } else if (errno == EINTR) {
+      continue;
+    } else if (errno != EAGAIN) {
+      status = HELLO_RESET;
+    }
+    break;
+  }
+  if (status >= 0 || c->hello_len > c->hello_sent) deliver_hello(r, c, status >= 0 ? status : HELLO_DATA);
+}
+
+/* Takes back a connection JS wants more bytes of. */
+static void hello_resume(struct relay *r, struct conn *c) {
+  link_conn(r, c);
+  if (c->d2u.eof || c->hello_len >= c->hello_limit) {
+    /* Nothing more can come: say so at once rather than wait for an edge that never fires. */
+    deliver_hello(r, c, c->d2u.eof ? HELLO_CLOSED : HELLO_DATA);
+    return;
+  }
+  struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
+  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[0], &ev) != 0) {
+    finish(r, c, END_INTERNAL);
+    return;
+  }
+  note_deadline(r, c->hello_due);
+  hello_read(r, c);
+}
+
+static void accept_one(struct relay *r, struct listener *l, int fd, struct sockaddr_storage *peer) {
+  struct conn *c = calloc(1, sizeof *c);
+  if (!c) {
+    close(fd);
+    return;
+  }
+  atomic_fetch_add(&l->open, 1);
+  c->fd[0] = fd;
+  c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
+  c->d2u.src = fd;
+  c->u2d.dst = fd;
+  c->d2u.dst = c->u2d.src = -1;
+  c->lst = l;
+  c->id = new_id(r);
+  c->sides[0] = (struct side){ c, NULL, 0 };
+  c->sides[1] = (struct side){ c, NULL, 1 };
+  c->peer = *peer;
+  if (l->wildcard) {
+    socklen_t len = sizeof c->local;
+    if (getsockname(fd, (struct sockaddr *)&c->local, &len) != 0) c->local.ss_family = AF_UNSPEC;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  c->hello_stage = true;
+  c->hello_limit = atomic_load(&l->hello_cap);
+  if (c->hello_limit == 0) c->hello_limit = 1;
+  c->last_ms = now_ms();
+  c->hello_due = c->last_ms + atomic_load(&l->hello_timeout_ms);
+  link_conn(r, c);
+  struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
+  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    finish(r, c, END_INTERNAL);
+    return;
+  }
+  note_deadline(r, c->hello_due);
+  /* The client's first bytes often arrive with (or right after) the handshake's last ACK. */
+  hello_read(r, c);
+}
+
+/* Accepts what is queued, up to a batch; over the listener's limit a connection is closed at once. */
+static void accept_ready(struct relay *r, struct listener *l) {
+  for (int i = 0; i < ACCEPT_BATCH && !l->closed; i++) {
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof peer;
+    int fd = accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        /* Out of descriptors or memory: rest the listener instead of spinning on it. */
+        struct epoll_event ev = { .events = 0, .data.ptr = &l->side };
+        epoll_ctl(r->ep, EPOLL_CTL_MOD, l->fd, &ev);
+        l->paused = true;
+        l->resume_at = now_ms() + ACCEPT_RETRY_MS;
+        note_deadline(r, l->resume_at);
+      }
+      return;
+    }
+    if (atomic_load(&l->open) >= atomic_load(&l->max_conns)) {
+      close(fd);
+      atomic_fetch_add(&l->refused, 1);
+      continue;
+    }
+    accept_one(r, l, fd, &peer);
+  }
+}
+
+static void listener_add(struct relay *r, struct listener *l) {
+  struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->side };
+  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, l->fd, &ev) != 0) {
+    l->closed = true;
+    close_fd(&l->fd);
+  }
+}
+
+static void listener_remove(struct relay *r, struct listener *l) {
+  if (l->closed) return;
+  l->closed = true;
+  epoll_ctl(r->ep, EPOLL_CTL_DEL, l->fd, NULL);
+  close_fd(&l->fd);
+}
+
+/* Rested listeners whose time has come accept again; returns the next resume time (-1: none). */
+static int64_t resume_listeners(struct relay *r, int64_t now) {
+  int64_t next = -1;
+  pthread_mutex_lock(&r->mu);
+  struct listener *list = r->listeners;
+  pthread_mutex_unlock(&r->mu);
+  for (struct listener *l = list; l; l = l->next) {
+    if (!l->paused || l->closed) continue;
+    if (l->resume_at <= now) {
+      struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->side };
+      epoll_ctl(r->ep, EPOLL_CTL_MOD, l->fd, &ev);
+      l->paused = false;
+    } else if (next < 0 || l->resume_at < next) {
+      next = l->resume_at;
+    }
+  }
+  return next;
+}
+
 static void run_commands(struct relay *r) {
   uint64_t v;
   while (read(r->wake, &v, sizeof v) > 0) {}
@@ -382,11 +748,30 @@ static void run_commands(struct relay *r) {
   pthread_mutex_unlock(&r->mu);
   while (list) {
     struct cmd *next = list->next;
-    if (list->kind == 0) {
-      add_conn(r, list->conn);
-    } else {
-      struct conn *c = hash_find(r, list->id);
-      if (c) finish(r, c, END_STOPPED);
+    switch (list->kind) {
+      case CMD_START:
+        add_conn(r, list->conn);
+        break;
+      case CMD_STOP: {
+        struct conn *c = hash_find(r, list->id);
+        if (c && c->submitted) finish(r, c, END_STOPPED);
+        break;
+      }
+      case CMD_LISTEN:
+        listener_add(r, list->lst);
+        break;
+      case CMD_UNLISTEN:
+        listener_remove(r, list->lst);
+        break;
+      case CMD_MORE:
+        hello_resume(r, list->conn);
+        break;
+      case CMD_CLOSE_LISTENER:
+        for (struct conn *c = r->all, *n; c; c = n) {
+          n = c->next;
+          if (c->lst == list->lst) finish(r, c, END_STOPPED);
+        }
+        break;
     }
     free(list);
     list = next;
@@ -399,7 +784,10 @@ static void scan_idle(struct relay *r, int64_t now) {
   struct conn *c = r->all;
   while (c) {
     struct conn *n = c->next;
-    if (c->connecting) {
+    if (c->hello_stage) {
+      if (c->hello_due <= now) deliver_hello(r, c, HELLO_TIMEOUT);
+      else if (next < 0 || c->hello_due < next) next = c->hello_due;
+    } else if (c->connecting) {
       if (c->connect_due <= now) finish(r, c, END_CONNECT_TIMEOUT);
       else if (next < 0 || c->connect_due < next) next = c->connect_due;
     } else if (c->idle_ms > 0) {
@@ -409,6 +797,10 @@ static void scan_idle(struct relay *r, int64_t now) {
     }
     c = n;
   }
+  int64_t resume = resume_listeners(r, now);
+  if (resume >= 0 && (next < 0 || resume < next)) next = resume;
+  flush_lazy(r, now);
+  if (r->lazy_due >= 0 && (next < 0 || r->lazy_due < next)) next = r->lazy_due;
   r->next_deadline = next;
 }
 
@@ -431,13 +823,25 @@ static void *relay_main(void *arg) {
         run_commands(r);
         continue;
       }
+      if (!s->conn) {
+        if (!s->lst->closed) accept_ready(r, s->lst);
+        continue;
+      }
       if (s->conn->closed) continue;
+      if (s->conn->hello_stage) {
+        hello_read(r, s->conn);
+        continue;
+      }
       if (s->conn->connecting) {
         connect_event(r, s, evs[i].events);
         continue;
       }
-      if (evs[i].events & EPOLLERR) check_error(r, s);
-      pump(r, s->conn);
+      uint32_t e = evs[i].events;
+      struct conn *c = s->conn;
+      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->d2u : &c->u2d)->rd = true;
+      if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->u2d : &c->d2u)->wr = true;
+      if (e & EPOLLERR) check_error(r, s);
+      pump(r, c);
     }
     /* Connections whose budget ran out: another turn each, after everyone else's events. */
     struct conn *q = r->ready;
@@ -462,6 +866,7 @@ static void *relay_main(void *arg) {
       r->dead = d->qnext;
       free(d);
     }
+    if (r->all == NULL) drain_pipe_pool(r);
     pthread_mutex_lock(&r->mu);
     bool quit = r->quit;
     pthread_mutex_unlock(&r->mu);
@@ -472,22 +877,106 @@ static void *relay_main(void *arg) {
 
 /* ---- main thread ------------------------------------------------------------------------- */
 
-static void call_js(napi_env env, napi_value cb, void *context, void *data) {
-  struct relay *r = context;
-  struct result *res = data;
-  if (env != NULL && cb != NULL) {
-    if (res->reason != CONNECTED && r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
-    napi_value argv[6], undef;
-    napi_create_uint32(env, res->id, &argv[0]);
-    napi_create_double(env, (double)res->down_read, &argv[1]);
-    napi_create_double(env, (double)res->up_written, &argv[2]);
-    napi_create_double(env, (double)res->up_read, &argv[3]);
-    napi_create_double(env, (double)res->down_written, &argv[4]);
-    napi_create_string_utf8(env, REASONS[res->reason], NAPI_AUTO_LENGTH, &argv[5]);
-    napi_get_undefined(env, &undef);
-    napi_call_function(env, undef, cb, 6, argv, NULL);
+/* Accepted connections JS holds (hello reported, no decision yet): main thread only. */
+static void awaiting_put(struct relay *r, struct conn *c) {
+  c->hnext = r->awaiting[c->id % HASH_BUCKETS];
+  r->awaiting[c->id % HASH_BUCKETS] = c;
+}
+
+static struct conn *awaiting_take(struct relay *r, uint32_t id) {
+  struct conn **p = &r->awaiting[id % HASH_BUCKETS];
+  while (*p && (*p)->id != id) p = &(*p)->hnext;
+  struct conn *c = *p;
+  if (c) {
+    *p = c->hnext;
+    c->hnext = NULL;
   }
-  free(res);
+  return c;
+}
+
+/* "1.2.3.4" / "::1" and the port, or "" and 0 for an address the kernel did not give. */
+static void address_values(napi_env env, const struct sockaddr_storage *a, napi_value *addr, napi_value *port) {
+  char buf[INET6_ADDRSTRLEN] = "";
+  unsigned p = 0;
+  if (a->ss_family == AF_INET) {
+    const struct sockaddr_in *a4 = (const struct sockaddr_in *)a;
+    inet_ntop(AF_INET, &a4->sin_addr, buf, sizeof buf);
+    p = ntohs(a4->sin_port);
+  } else if (a->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)a;
+    inet_ntop(AF_INET6, &a6->sin6_addr, buf, sizeof buf);
+    p = ntohs(a6->sin6_port);
+  }
+  napi_create_string_latin1(env, buf, NAPI_AUTO_LENGTH, addr);
+  napi_create_uint32(env, p, port);
+}
+
+static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value undef, struct result *res) {
+  if (res->reason == HELLO) {
+    struct conn *c = res->conn;
+    awaiting_put(r, c);
+    napi_value on_hello;
+    if (!r->on_hello || napi_get_reference_value(env, r->on_hello, &on_hello) != napi_ok) return;
+    /* onHello(listenerId, id, fd, bytes, status, remoteAddress, remotePort, localAddress, localPort);
+     * the addresses only with a connection's first report. */
+    napi_value argv[9];
+    napi_create_uint32(env, c->lst ? c->lst->id : 0, &argv[0]);
+    napi_create_uint32(env, c->id, &argv[1]);
+    napi_create_int32(env, c->fd[0], &argv[2]);
+    void *copy;
+    napi_create_buffer_copy(env, res->len, c->hello + res->from, &copy, &argv[3]);
+    napi_create_int32(env, res->status, &argv[4]);
+    if (res->from == 0) {
+      address_values(env, &c->peer, &argv[5], &argv[6]);
+      address_values(env, &c->local, &argv[7], &argv[8]);
+    } else {
+      argv[5] = argv[6] = argv[7] = argv[8] = undef;
+    }
+    napi_call_function(env, undef, on_hello, 9, argv, NULL);
+    return;
+  }
+  if (res->reason != CONNECTED && r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
+  napi_value argv[6];
+  napi_create_uint32(env, res->id, &argv[0]);
+  napi_create_double(env, (double)res->down_read, &argv[1]);
+  napi_create_double(env, (double)res->up_written, &argv[2]);
+  napi_create_double(env, (double)res->up_read, &argv[3]);
+  napi_create_double(env, (double)res->down_written, &argv[4]);
+  napi_create_string_utf8(env, REASONS[res->reason], NAPI_AUTO_LENGTH, &argv[5]);
+  napi_call_function(env, undef, cb, 6, argv, NULL);
+}
+
+/* One call per batch: every queued report, in order, inside one callback scope. */
+static void call_js(napi_env env, napi_value cb, void *context, void *data) {
+  (void)data;
+  struct relay *r = context;
+  pthread_mutex_lock(&r->rmu);
+  struct result *list = r->results;
+  r->results = r->results_tail = NULL;
+  r->wake_pending = false;
+  pthread_mutex_unlock(&r->rmu);
+  napi_value undef = NULL;
+  bool live = env != NULL && cb != NULL;
+  if (live) napi_get_undefined(env, &undef);
+  while (list) {
+    struct result *next = list->next;
+    if (live) {
+      call_one(env, r, cb, undef, list);
+      /* A handler that threw: reported as an uncaught exception would be; the batch goes on. */
+      bool pending = false;
+      if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+        napi_value e;
+        napi_get_and_clear_last_exception(env, &e);
+        napi_fatal_exception(env, e);
+      }
+    } else if (list->reason == HELLO) {
+      /* Teardown: nobody will decide on it. */
+      free_conn_fds(r, list->conn);
+      free(list->conn);
+    }
+    free(list);
+    list = next;
+  }
 }
 
 static void push_cmd(struct relay *r, struct cmd *c) {
@@ -539,16 +1028,6 @@ static int get_int(napi_env env, napi_value v, int64_t *out) {
   return napi_get_value_int64(env, v, out) == napi_ok ? 0 : -1;
 }
 
-static bool make_pipe(struct dir *d) {
-  int p[2];
-  if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0) return false;
-  d->pr = p[0];
-  d->pw = p[1];
-  int cap = fcntl(p[0], F_GETPIPE_SZ);
-  d->cap = cap > 0 ? (size_t)cap : 65536;
-  return true;
-}
-
 /*
  * A connection for the relay thread: the downstream dup, pipes, an id. upFd < 0: connect() dials
  * the upstream later, on the relay thread. NULL (with a JS exception pending) when setup failed:
@@ -568,37 +1047,37 @@ static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_
   c->fd[0] = c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
   c->fd[0] = fcntl((int)down, F_DUPFD_CLOEXEC, 0);
   if (up >= 0) c->fd[1] = fcntl((int)up, F_DUPFD_CLOEXEC, 0);
-  if (c->fd[0] < 0 || (up >= 0 && c->fd[1] < 0) || !make_pipe(&c->d2u) || !make_pipe(&c->u2d)) {
+  if (c->fd[0] < 0 || (up >= 0 && c->fd[1] < 0) || !make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
     int saved = errno;
-    free_conn_fds(c);
+    free_conn_fds(r, c);
     free(c);
     errno = saved;
     throw_errno(env, "relay setup");
     return NULL;
   }
-  c->id = ++r->next_id;
-  if (c->id == 0) c->id = ++r->next_id;
+  c->id = new_id(r);
   c->d2u.src = c->fd[0];
   c->d2u.dst = c->fd[1];
   c->u2d.src = c->fd[1];
   c->u2d.dst = c->fd[0];
   c->idle_ms = idle;
-  c->sides[0] = (struct side){ c, 0 };
-  c->sides[1] = (struct side){ c, 1 };
+  c->sides[0] = (struct side){ c, NULL, 0 };
+  c->sides[1] = (struct side){ c, NULL, 1 };
   return c;
 }
 
 /* Hands a set-up connection to the relay thread; returns its id (or NULL, nothing started). */
 static napi_value submit(napi_env env, struct relay *r, struct conn *c) {
-  struct cmd *cmd = malloc(sizeof *cmd);
+  struct cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) {
-    free_conn_fds(c);
+    free_conn_fds(r, c);
     free(c);
     napi_throw_error(env, NULL, "out of memory");
     return NULL;
   }
-  cmd->kind = 0;
+  cmd->kind = CMD_START;
   cmd->conn = c;
+  c->submitted = true;
   /* While connections are relayed, the pending report keeps the process alive, as an open
    * socket would; with none, the relay never holds the event loop. */
   if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
@@ -706,15 +1185,360 @@ static napi_value js_stop(napi_env env, napi_callback_info info) {
     return NULL;
   }
   if (!r->thread_started) return NULL;
-  struct cmd *cmd = malloc(sizeof *cmd);
+  struct cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) {
     napi_throw_error(env, NULL, "out of memory");
     return NULL;
   }
-  cmd->kind = 1;
+  cmd->kind = CMD_STOP;
   cmd->id = id;
   push_cmd(r, cmd);
   return NULL;
+}
+
+/* ---- accepting listeners ------------------------------------------------------------------ */
+
+static struct listener *find_listener(struct relay *r, uint32_t id) {
+  pthread_mutex_lock(&r->mu);
+  struct listener *l = r->listeners;
+  while (l && l->id != id) l = l->next;
+  pthread_mutex_unlock(&r->mu);
+  return l;
+}
+
+static bool push_listener_cmd(napi_env env, struct relay *r, enum cmd_kind kind, struct listener *l) {
+  struct cmd *cmd = calloc(1, sizeof *cmd);
+  if (!cmd) {
+    napi_throw_error(env, NULL, "out of memory");
+    return false;
+  }
+  cmd->kind = kind;
+  cmd->lst = l;
+  push_cmd(r, cmd);
+  return true;
+}
+
+/* Reads a listener id argument; NULL (TypeError thrown) when it names no listener. */
+static struct listener *listener_arg(napi_env env, struct relay *r, napi_value v, const char *usage) {
+  uint32_t id;
+  struct listener *l = napi_get_value_uint32(env, v, &id) == napi_ok ? find_listener(r, id) : NULL;
+  if (!l) napi_throw_type_error(env, NULL, usage);
+  return l;
+}
+
+static bool listener_limits(napi_env env, napi_value *argv, uint32_t out[3]) {
+  for (int i = 0; i < 3; i++) {
+    if (napi_get_value_uint32(env, argv[i], &out[i]) != napi_ok) return false;
+  }
+  return true;
+}
+
+/* listen(fd, helloCapBytes, helloTimeoutMs, maxConnections, wildcard) -> listenerId.
+ * The relay thread accepts on a dup of fd; the caller closes its own listening handle. */
+static napi_value js_listen(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "listen(fd, helloCapBytes, helloTimeoutMs, maxConnections, wildcard)";
+  int64_t fd;
+  uint32_t lim[3];
+  bool wildcard = false;
+  if (argc < 5 || get_int(env, argv[0], &fd) || fd < 0 || fd > INT32_MAX || !listener_limits(env, argv + 1, lim) ||
+      napi_get_value_bool(env, argv[4], &wildcard) != napi_ok) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  if (!r->tsfn || !r->on_hello) {
+    napi_throw_error(env, NULL, "relay not initialised for accepting");
+    return NULL;
+  }
+  if (!ensure_thread(env, r)) return NULL;
+  struct listener *l = calloc(1, sizeof *l);
+  if (!l) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  l->fd = fcntl((int)fd, F_DUPFD_CLOEXEC, 0);
+  if (l->fd < 0) {
+    free(l);
+    return throw_errno(env, "listen: dup");
+  }
+  int fl = fcntl(l->fd, F_GETFL);
+  if (fl >= 0) fcntl(l->fd, F_SETFL, fl | O_NONBLOCK);
+  l->wildcard = wildcard;
+  atomic_store(&l->hello_cap, lim[0]);
+  atomic_store(&l->hello_timeout_ms, lim[1]);
+  atomic_store(&l->max_conns, lim[2]);
+  l->side = (struct side){ NULL, l, 2 };
+  pthread_mutex_lock(&r->mu);
+  l->id = ++r->next_lid;
+  l->next = r->listeners;
+  r->listeners = l;
+  pthread_mutex_unlock(&r->mu);
+  if (!push_listener_cmd(env, r, CMD_LISTEN, l)) return NULL;
+  /* An accepting listener keeps the process alive, as Node's own listening handle did. */
+  if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
+  napi_value id;
+  napi_create_uint32(env, l->id, &id);
+  return id;
+}
+
+/* configureListener(listenerId, helloCapBytes, helloTimeoutMs, maxConnections): new limits for
+ * connections accepted from now on. */
+static napi_value js_configure_listener(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "configureListener(listenerId, helloCapBytes, helloTimeoutMs, maxConnections)";
+  uint32_t lim[3];
+  if (argc < 4) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  struct listener *l = listener_arg(env, r, argv[0], usage);
+  if (!l) return NULL;
+  if (!listener_limits(env, argv + 1, lim)) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  atomic_store(&l->hello_cap, lim[0]);
+  atomic_store(&l->hello_timeout_ms, lim[1]);
+  atomic_store(&l->max_conns, lim[2]);
+  return NULL;
+}
+
+/* listenerStats(listenerId) -> [open, refusedSinceLastCall] */
+static napi_value js_listener_stats(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "listenerStats(listenerId)");
+  if (!l) return NULL;
+  napi_value out, open, refused;
+  napi_create_array_with_length(env, 2, &out);
+  napi_create_uint32(env, atomic_load(&l->open), &open);
+  napi_create_uint32(env, atomic_exchange(&l->refused, 0), &refused);
+  napi_set_element(env, out, 0, open);
+  napi_set_element(env, out, 1, refused);
+  return out;
+}
+
+/* unlisten(listenerId, wantFd) -> fd | -1: stops accepting. With wantFd, a dup of the listening
+ * socket is returned first (for Node to accept on again). Accepted connections go on. */
+static napi_value js_unlisten(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "unlisten(listenerId, wantFd)";
+  bool want = false;
+  struct listener *l = argc < 2 ? NULL : listener_arg(env, r, argv[0], usage);
+  if (!l) return NULL;
+  if (napi_get_value_bool(env, argv[1], &want) != napi_ok) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  int fd = -1;
+  /* The relay thread closes its dup only on the command below, so the dup here is safe. */
+  if (want && l->fd >= 0) fd = fcntl(l->fd, F_DUPFD_CLOEXEC, 0);
+  if (want && fd < 0) return throw_errno(env, "unlisten: dup");
+  struct cmd *cmd = calloc(1, sizeof *cmd);
+  if (!cmd) {
+    if (fd >= 0) close(fd);
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  cmd->kind = CMD_UNLISTEN;
+  cmd->lst = l;
+  push_cmd(r, cmd);
+  if (r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
+  napi_value out;
+  napi_create_int32(env, fd, &out);
+  return out;
+}
+
+/* closeListenerConnections(listenerId): ends every connection the relay holds from it; those JS
+ * started report "stopped", those still in their hello stage just close. */
+static napi_value js_close_listener_connections(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "closeListenerConnections(listenerId)");
+  if (!l) return NULL;
+  push_listener_cmd(env, r, CMD_CLOSE_LISTENER, l);
+  return NULL;
+}
+
+/* release(listenerId): an adopted connection closed; it no longer counts against the limit. */
+static napi_value js_release(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "release(listenerId)");
+  if (!l) return NULL;
+  uint32_t cur = atomic_load(&l->open);
+  while (cur > 0 && !atomic_compare_exchange_weak(&l->open, &cur, cur - 1)) {}
+  return NULL;
+}
+
+/* The accepted connection `argv[0]` names, taken out of the awaiting table; NULL with a TypeError. */
+static struct conn *awaiting_arg(napi_env env, struct relay *r, size_t argc, napi_value *argv, const char *usage) {
+  uint32_t id;
+  struct conn *c = argc >= 1 && napi_get_value_uint32(env, argv[0], &id) == napi_ok ? awaiting_take(r, id) : NULL;
+  if (!c) napi_throw_type_error(env, NULL, usage);
+  return c;
+}
+
+/* more(id): read on and report again (the bytes so far did not decide). */
+static napi_value js_more(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct conn *c = awaiting_arg(env, r, argc, argv, "more(id): no connection awaiting a decision");
+  if (!c) return NULL;
+  struct cmd *cmd = calloc(1, sizeof *cmd);
+  if (!cmd) {
+    awaiting_put(r, c);
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  cmd->kind = CMD_MORE;
+  cmd->conn = c;
+  push_cmd(r, cmd);
+  return NULL;
+}
+
+/* adopt(id) -> fd: the descriptor is JS's now (the bytes read were reported); the connection
+ * still counts against its listener until release(). */
+static napi_value js_adopt(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct conn *c = awaiting_arg(env, r, argc, argv, "adopt(id): no connection awaiting a decision");
+  if (!c) return NULL;
+  int fd = c->fd[0];
+  c->fd[0] = -1;
+  c->lst = NULL; /* counted until release() */
+  free_conn_fds(r, c);
+  free(c);
+  napi_value out;
+  napi_create_int32(env, fd, &out);
+  return out;
+}
+
+/* closeAccepted(id): closes an accepted connection JS refused without a word to the client. */
+static napi_value js_close_accepted(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct conn *c = awaiting_arg(env, r, argc, argv, "closeAccepted(id): no connection awaiting a decision");
+  if (!c) return NULL;
+  free_conn_fds(r, c);
+  free(c);
+  return NULL;
+}
+
+/* Parses an IPv4 or IPv6 literal and port into addr; false when it is neither. */
+static bool parse_address(const char *ip, int64_t port, struct sockaddr_storage *addr, socklen_t *addrlen) {
+  memset(addr, 0, sizeof *addr);
+  struct sockaddr_in *a4 = (struct sockaddr_in *)addr;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)addr;
+  if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    *addrlen = sizeof *a4;
+    return true;
+  }
+  if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    *addrlen = sizeof *a6;
+    return true;
+  }
+  return false;
+}
+
+/*
+ * acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix) -> id: dial and relay an
+ * accepted connection; `prefix` (a PROXY header, or empty) then every byte read from the client
+ * go to the upstream first. Reports as connect() does. On a throw the connection is closed.
+ */
+static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 6;
+  napi_value argv[6];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix)";
+  int64_t port, ctimeout, idle;
+  bool is_buf = false;
+  char ip[64];
+  size_t iplen = 0;
+  if (argc < 6 || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
+      get_int(env, argv[2], &port) || get_int(env, argv[3], &ctimeout) || get_int(env, argv[4], &idle) ||
+      napi_is_buffer(env, argv[5], &is_buf) != napi_ok || !is_buf ||
+      port <= 0 || port > 65535 || ctimeout <= 0 || idle < 0 || iplen >= sizeof ip - 1) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  struct sockaddr_storage addr;
+  socklen_t addrlen;
+  if (!parse_address(ip, port, &addr, &addrlen)) {
+    napi_throw_type_error(env, NULL, "acceptedConnect: not an IPv4 or IPv6 address");
+    return NULL;
+  }
+  struct conn *c = awaiting_arg(env, r, argc, argv, "acceptedConnect(id): no connection awaiting a decision");
+  if (!c) return NULL;
+  void *data = NULL;
+  size_t plen = 0;
+  napi_get_buffer_info(env, argv[5], &data, &plen);
+  /* The head: prefix, then the bytes read in the hello stage (that buffer itself when no prefix). */
+  if (plen > 0) {
+    uint8_t *h = malloc(plen + c->hello_len);
+    if (!h) {
+      free_conn_fds(r, c);
+      free(c);
+      napi_throw_error(env, NULL, "out of memory");
+      return NULL;
+    }
+    memcpy(h, data, plen);
+    if (c->hello_len) memcpy(h + plen, c->hello, c->hello_len);
+    free(c->hello);
+    c->hello = h;
+    c->hello_len += plen;
+  }
+  uint8_t *head = c->hello;
+  size_t len = c->hello_len;
+  c->hello = NULL;
+  c->hello_len = c->hello_alloc = 0;
+  if (!make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
+    int saved = errno;
+    free(head);
+    free_conn_fds(r, c);
+    free(c);
+    errno = saved;
+    return throw_errno(env, "acceptedConnect setup");
+  }
+  if (len == 0) {
+    free(head);
+    head = NULL;
+  }
+  c->hello_stage = false;
+  c->d2u.head = head;
+  c->d2u.head_len = len;
+  c->idle_ms = idle;
+  c->connecting = true;
+  c->connect_ms = ctimeout;
+  c->addr = addr;
+  c->addrlen = addrlen;
+  return submit(env, r, c);
 }
 
 static void cleanup(void *arg);
@@ -723,12 +1547,13 @@ static void cleanup(void *arg);
  * plus once with reason "connected" (not an end) when a connect() connection reached its upstream. */
 static napi_value js_init(napi_env env, napi_callback_info info) {
   struct relay *r;
-  size_t argc = 1;
-  napi_value argv[1];
+  size_t argc = 2;
+  napi_value argv[2];
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
-  napi_valuetype t;
-  if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_function) {
-    napi_throw_type_error(env, NULL, "init(onDone)");
+  napi_valuetype t, t2 = napi_undefined;
+  if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_function ||
+      (argc >= 2 && (napi_typeof(env, argv[1], &t2) != napi_ok || (t2 != napi_function && t2 != napi_undefined)))) {
+    napi_throw_type_error(env, NULL, "init(onDone, onHello?)");
     return NULL;
   }
   if (r->tsfn) {
@@ -742,6 +1567,7 @@ static napi_value js_init(napi_env env, napi_callback_info info) {
     return NULL;
   }
   napi_unref_threadsafe_function(env, r->tsfn);
+  if (t2 == napi_function) napi_create_reference(env, argv[1], 1, &r->on_hello);
   /* Cleanup hooks run last-added first: re-adding ours after the thread-safe function was
    * created makes it run before that function's own teardown, so the relay thread is joined
    * while the function it reports through still exists. */
@@ -769,23 +1595,52 @@ static void cleanup(void *arg) {
     }
     for (struct conn *c = r->all; c;) {
       struct conn *n = c->next;
-      free_conn_fds(c);
+      free_conn_fds(r, c);
       free(c);
       c = n;
     }
     while (r->cmds) {
       struct cmd *c = r->cmds;
       r->cmds = c->next;
-      if (c->kind == 0) {
-        free_conn_fds(c->conn);
+      if (c->kind == CMD_START || c->kind == CMD_MORE) {
+        free_conn_fds(r, c->conn);
         free(c->conn);
       }
       free(c);
     }
+    while (r->results) {
+      struct result *res = r->results;
+      r->results = res->next;
+      if (res->reason == HELLO) {
+        free_conn_fds(r, res->conn);
+        free(res->conn);
+      }
+      free(res);
+    }
+    for (int b = 0; b < HASH_BUCKETS; b++) {
+      while (r->awaiting[b]) {
+        struct conn *c = r->awaiting[b];
+        r->awaiting[b] = c->hnext;
+        free_conn_fds(r, c);
+        free(c);
+      }
+    }
     close_fd(&r->wake);
     close_fd(&r->ep);
   }
+  while (r->listeners) {
+    struct listener *l = r->listeners;
+    r->listeners = l->next;
+    close_fd(&l->fd);
+    free(l);
+  }
+  for (int i = 0; i < r->npipes; i++) {
+    close(r->pipes[i][0]);
+    close(r->pipes[i][1]);
+  }
   pthread_mutex_destroy(&r->mu);
+  pthread_mutex_destroy(&r->rmu);
+  pthread_mutex_destroy(&r->pmu);
   free(r);
 }
 
@@ -794,12 +1649,26 @@ static napi_value init_module(napi_env env, napi_value exports) {
   if (!r) return exports;
   r->ep = r->wake = -1;
   r->next_deadline = -1;
+  r->lazy_due = -1;
+  r->env = env;
   pthread_mutex_init(&r->mu, NULL);
+  pthread_mutex_init(&r->rmu, NULL);
+  pthread_mutex_init(&r->pmu, NULL);
   napi_property_descriptor props[] = {
     { "init", NULL, js_init, NULL, NULL, NULL, napi_enumerable, r },
     { "start", NULL, js_start, NULL, NULL, NULL, napi_enumerable, r },
     { "connect", NULL, js_connect, NULL, NULL, NULL, napi_enumerable, r },
     { "stop", NULL, js_stop, NULL, NULL, NULL, napi_enumerable, r },
+    { "listen", NULL, js_listen, NULL, NULL, NULL, napi_enumerable, r },
+    { "configureListener", NULL, js_configure_listener, NULL, NULL, NULL, napi_enumerable, r },
+    { "listenerStats", NULL, js_listener_stats, NULL, NULL, NULL, napi_enumerable, r },
+    { "unlisten", NULL, js_unlisten, NULL, NULL, NULL, napi_enumerable, r },
+    { "closeListenerConnections", NULL, js_close_listener_connections, NULL, NULL, NULL, napi_enumerable, r },
+    { "release", NULL, js_release, NULL, NULL, NULL, napi_enumerable, r },
+    { "more", NULL, js_more, NULL, NULL, NULL, napi_enumerable, r },
+    { "adopt", NULL, js_adopt, NULL, NULL, NULL, napi_enumerable, r },
+    { "closeAccepted", NULL, js_close_accepted, NULL, NULL, NULL, napi_enumerable, r },
+    { "acceptedConnect", NULL, js_accepted_connect, NULL, NULL, NULL, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_add_env_cleanup_hook(env, cleanup, r);

@@ -25,7 +25,12 @@ type Metric = client.Counter<string> | client.Gauge<string> | client.Histogram<s
 interface Cell {
   values: Record<string, string>;
   pending: number;
+  /** Histograms: observations not yet handed over (at most SAMPLES_HELD). */
+  samples?: number[];
 }
+
+/** A histogram cell hands its observations to prom-client at collection or when this many wait. */
+const SAMPLES_HELD = 256;
 
 /** Cells by label value, one level per label name (sorted), the last level holding the cells. */
 type CellTree = Map<string, CellTree | Cell>;
@@ -38,7 +43,18 @@ interface Entry {
   all: Cell[];
 }
 
-function flushCells(m: client.Counter<string> | client.Gauge<string>, cells: readonly Cell[]): void {
+function flushSamples(m: client.Histogram<string>, c: Cell): void {
+  const s = c.samples;
+  if (s === undefined || s.length === 0) return;
+  for (const v of s) m.observe(c.values, v);
+  s.length = 0;
+}
+
+function flushCells(m: Metric, cells: readonly Cell[]): void {
+  if (m instanceof client.Histogram) {
+    for (const c of cells) flushSamples(m, c);
+    return;
+  }
   for (const c of cells) {
     if (c.pending === 0) continue;
     (m as client.Counter<string>).inc(c.values, c.pending);
@@ -70,6 +86,24 @@ export class PromTelemetry implements Telemetry {
   readonly #ring: (AccessLogEntry | undefined)[];
   #ringNext = 0;
   readonly #listeners = new Set<AccessLogListener>();
+  readonly #collectHooks = new Set<() => void>();
+  /** Each metric's collect calls this; the hooks run once per read of the registry. */
+  #hooksRan = false;
+
+  #beforeCollect(): void {
+    if (this.#hooksRan || this.#collectHooks.size === 0) return;
+    this.#hooksRan = true;
+    // Every metric of one read is collected in the same tick; the next read runs the hooks again.
+    queueMicrotask(() => { this.#hooksRan = false; });
+    for (const h of this.#collectHooks) {
+      try { h(); } catch { /* a hook must never break a scrape */ }
+    }
+  }
+
+  onCollect(hook: () => void): () => void {
+    this.#collectHooks.add(hook);
+    return () => { this.#collectHooks.delete(hook); };
+  }
 
   constructor(opts: TelemetryOptions = {}) {
     this.#ring = new Array<AccessLogEntry | undefined>(Math.max(0, Math.min(opts.recentEntries ?? 200, 10_000)));
@@ -128,10 +162,14 @@ export class PromTelemetry implements Telemetry {
       const all: Cell[] = [];
       const cfg = { name: `tlsgate_${name}`, help: HELP[name] ?? name.replace(/_/g, ' '), labelNames, registers: [this.registry] };
       // Counters and gauges hand their pending increments to prom-client when they are read.
-      const collect = (): void => flushCells(m as client.Counter<string> | client.Gauge<string>, all);
+      // Histograms likewise hand over their held observations.
+      const collect = (): void => {
+        this.#beforeCollect();
+        flushCells(m, all);
+      };
       const m: Metric = kind === 'counter' ? new client.Counter({ ...cfg, collect })
         : kind === 'gauge' ? new client.Gauge({ ...cfg, collect })
-        : new client.Histogram({ ...cfg, buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] });
+        : new client.Histogram({ ...cfg, collect, buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] });
       e = { m, labels: labelNames, cells, all };
       this.#metrics.set(name, e);
     }
@@ -149,7 +187,7 @@ export class PromTelemetry implements Telemetry {
    * inc() validates and hashes the label object every call, so the hot path only adds to a number
    * found by a string key, and prom-client sees the sum when the metric is collected.
    */
-  #cell(kind: 'counter' | 'gauge', name: string, labels: Record<string, string> | undefined): { e: Entry; cell: Cell } {
+  #cell(kind: 'counter' | 'gauge' | 'histogram', name: string, labels: Record<string, string> | undefined): { e: Entry; cell: Cell } {
     const e = this.#entry(kind, name, labels);
     // One Map level per label, keyed by the value itself: label values are mostly the same string
     // objects call after call (listener and route names), whose hashes V8 keeps, so no key string
@@ -169,7 +207,8 @@ export class PromTelemetry implements Telemetry {
       node.set(last, cell);
       e.all.push(cell);
       // The series exists from its first use, as it did when every call went to prom-client.
-      (e.m as client.Counter<string>).inc(cell.values, 0);
+      if (kind === 'histogram') cell.samples = [];
+      else (e.m as client.Counter<string>).inc(cell.values, 0);
     }
     return { e, cell };
   }
@@ -198,8 +237,11 @@ export class PromTelemetry implements Telemetry {
   }
 
   observe(name: string, seconds: number, labels?: Record<string, string>): void {
-    const e = this.#entry('histogram', name, labels);
-    (e.m as client.Histogram<string>).observe(this.#values(e, labels), seconds);
+    if (!Number.isFinite(seconds)) return;
+    // Held in the label set's cell like counter increments (prom-client hashes the labels per call).
+    const { e, cell } = this.#cell('histogram', name, labels);
+    cell.samples!.push(seconds);
+    if (cell.samples!.length >= SAMPLES_HELD) flushSamples(e.m as client.Histogram<string>, cell);
   }
 
   /** Sets a gauge to an absolute value (config generation, certificate expiry). */

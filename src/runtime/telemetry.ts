@@ -67,6 +67,11 @@ export interface Telemetry {
   counter?(name: string, labels?: Record<string, string>): (by?: number) => void;
   /** Optional: whether access-log entries go anywhere (a file, stdout, the recent-requests ring or a subscriber). */
   readonly accessLogEnabled?: boolean;
+  /**
+   * Optional: `hook` runs whenever metrics are read, before they are, to count what is kept
+   * elsewhere (the native relay's refusals); returns the unsubscribe function.
+   */
+  onCollect?(hook: () => void): () => void;
 }
 
 /** `telemetry.counter` when it has one, else a function over `count` with the same effect. */

@@ -9,6 +9,12 @@
  * For a plain TCP upstream the addon also dials (connectNativeRelay): Node then never builds a
  * socket for the upstream at all, which is most of what a short relayed connection costs.
  * TLSGATE_NATIVE_CONNECT=0 keeps dialling in JS (the upstream socket is then handed over as before).
+ *
+ * Native accept (listenNative): for a TLS-inspecting listener the relay thread accepts and reads
+ * the ClientHello itself; JS gets the bytes (AcceptedHello), routes them, and either has the addon
+ * dial and relay (connectAccepted), asks for more bytes (moreAccepted), or takes the descriptor
+ * into a Node socket (adoptAccepted) for everything else. TLSGATE_NATIVE_ACCEPT=0 (or native
+ * connect off) keeps Node accepting.
  */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
@@ -30,8 +36,47 @@ export interface NativeRelayResult {
     | 'upstream_connect_failed' | 'upstream_connect_timeout';
 }
 
+/** Why the addon reported an accepted connection's bytes now. */
+export type HelloStatus = 'data' | 'closed' | 'timeout' | 'reset';
+const HELLO_STATUS: readonly HelloStatus[] = ['data', 'closed', 'timeout', 'reset'];
+
+/**
+ * Bytes the relay thread read from a connection it accepted (only those new since its previous
+ * report), and the connection, which awaits a decision: exactly one of moreAccepted,
+ * connectAccepted, adoptAccepted or closeAccepted, made synchronously in the handler.
+ */
+export interface AcceptedHello {
+  id: number;
+  bytes: Buffer;
+  status: HelloStatus;
+  /** Only with a connection's first report. */
+  remoteAddress?: string;
+  remotePort?: number;
+  /** Only when the listener is bound to a wildcard address ('' otherwise). */
+  localAddress?: string;
+  localPort?: number;
+}
+
+export interface NativeListenerLimits {
+  /** Most bytes read before JS must decide (maxClientHelloBytes + a record header). */
+  helloCapBytes: number;
+  helloTimeoutMs: number;
+  maxConnections: number;
+}
+
 interface Addon {
-  init(onDone: (id: number, downRead: number, upWritten: number, upRead: number, downWritten: number, reason: string) => void): void;
+  init(onDone: (id: number, downRead: number, upWritten: number, upRead: number, downWritten: number, reason: string) => void,
+    onHello?: (lid: number, id: number, fd: number, bytes: Buffer, status: number, ra?: string, rp?: number, la?: string, lp?: number) => void): void;
+  listen(fd: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number, wildcard: boolean): number;
+  configureListener(lid: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number): void;
+  listenerStats(lid: number): [number, number];
+  unlisten(lid: number, wantFd: boolean): number;
+  closeListenerConnections(lid: number): void;
+  release(lid: number): void;
+  more(id: number): void;
+  adopt(id: number): number;
+  closeAccepted(id: number): void;
+  acceptedConnect(id: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, prefix: Buffer): number;
   start(downFd: number, upFd: number, idleTimeoutMs: number, downEof: boolean, upEof: boolean): number;
   connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer): number;
   stop(id: number): void;
@@ -45,6 +90,9 @@ const pending = new Map<number, (r: NativeRelayResult) => void>();
 /** connectNativeRelay connections not yet connected: their onConnected. */
 const dialling = new Map<number, () => void>();
 const nativeConnect = process.env.TLSGATE_NATIVE_CONNECT !== '0';
+const nativeAccept = process.env.TLSGATE_NATIVE_ACCEPT !== '0';
+/** Accepting listeners: their hello handlers. */
+const acceptors = new Map<number, (h: AcceptedHello) => void>();
 const EMPTY = Buffer.alloc(0);
 
 /** build/Release/relay.node from the package root (this file is dist/src/runtime/chain/ when compiled). */
@@ -92,6 +140,15 @@ function load(): Addon | undefined {
         cb({ downRead, upWritten, upRead, downWritten, reason: reason as NativeRelayResult['reason'] });
       } catch {
         // The connection is already closed; nothing a report handler does may take the process down.
+      }
+    }, (lid, id, fd, bytes, status, ra, rp, la, lp) => {
+      const on = acceptors.get(lid);
+      try {
+        if (on === undefined) throw new Error('listener gone');
+        on({ id, bytes, status: HELLO_STATUS[status] ?? 'reset', remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp });
+      } catch {
+        // No decision made (a handler that threw, or its listener is gone): close rather than leak.
+        try { a.closeAccepted(id); } catch { /* already decided */ }
       }
     });
     addon = a;
@@ -180,4 +237,93 @@ export function connectNativeRelay(
 /** Ends a natively relayed connection; its `onDone` follows with reason `stopped`. */
 export function stopNativeRelay(id: number): void {
   if (pending.has(id)) addon?.stop(id);
+}
+
+/** True when TLS-inspecting listeners are accepted by the addon (native connect in use, not TLSGATE_NATIVE_ACCEPT=0). */
+export function nativeAcceptInUse(): boolean {
+  return nativeAccept && nativeConnectInUse();
+}
+
+/**
+ * The relay thread accepts on (a dup of) the listening socket `fd` from now on and reports each
+ * connection's first bytes to `onHello`; the caller closes its own listening handle. The
+ * listener keeps the process alive until unlistenNative. Throws when the addon cannot.
+ */
+export function listenNative(fd: number, limits: NativeListenerLimits, wildcard: boolean, onHello: (h: AcceptedHello) => void): number {
+  const a = load();
+  if (!a) throw new Error(`native relay unavailable: ${loadError}`);
+  const lid = a.listen(fd, ...limitArgs(limits), wildcard);
+  acceptors.set(lid, onHello);
+  return lid;
+}
+
+function limitArgs(l: NativeListenerLimits): [number, number, number] {
+  const u32 = (n: number) => Math.max(0, Math.min(0xffffffff, Math.floor(n)));
+  return [Math.max(1, u32(l.helloCapBytes)), u32(l.helloTimeoutMs), u32(l.maxConnections)];
+}
+
+/** New limits for connections accepted from now on (a config swap). */
+export function configureNativeListener(lid: number, limits: NativeListenerLimits): void {
+  addon?.configureListener(lid, ...limitArgs(limits));
+}
+
+/** Connections accepted and not yet closed (adopted ones until released), and refusals over the limit since the last call. */
+export function nativeListenerStats(lid: number): { open: number; refused: number } {
+  const [open, refused] = addon?.listenerStats(lid) ?? [0, 0];
+  return { open, refused };
+}
+
+/**
+ * Stops accepting; connections already accepted go on (their hellos are still reported). With
+ * `wantFd`, returns a new descriptor of the listening socket for Node to accept on, else -1.
+ */
+export function unlistenNative(lid: number, wantFd: boolean): number {
+  // The hello handler stays: connections accepted before this still report their first bytes.
+  return addon?.unlisten(lid, wantFd) ?? -1;
+}
+
+/** Drops a stopped listener's hello handler once none of its connections is left in the addon. */
+export function forgetNativeListener(lid: number): void {
+  acceptors.delete(lid);
+}
+
+/** Ends every connection the addon holds from this listener (closeAll). */
+export function closeNativeListenerConnections(lid: number): void {
+  addon?.closeListenerConnections(lid);
+}
+
+/** An adopted connection closed: it no longer counts against its listener's limit. */
+export function releaseAccepted(lid: number): void {
+  addon?.release(lid);
+}
+
+/** The bytes so far did not decide: report again when more arrive (or close / timeout). */
+export function moreAccepted(id: number): void {
+  addon!.more(id);
+}
+
+/** The connection's descriptor, now the caller's (for `new net.Socket({ fd })`). */
+export function adoptAccepted(id: number): number {
+  return addon!.adopt(id);
+}
+
+/** Closes an accepted connection without a word to the client. */
+export function closeAccepted(id: number): void {
+  addon!.closeAccepted(id);
+}
+
+/**
+ * The addon dials `ip`:`port` for an accepted connection and relays; `prefix` (a PROXY header)
+ * and then every byte read from the client go first. Reports as connectNativeRelay does. Throws
+ * when setup fails, after closing the connection.
+ */
+export function connectAccepted(
+  id: number, ip: string, port: number,
+  opts: { connectTimeoutMs: number; idleTimeoutMs: number; prefix: Buffer | undefined },
+  onConnected: () => void, onDone: (r: NativeRelayResult) => void,
+): void {
+  const a = addon!;
+  a.acceptedConnect(id, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)), opts.prefix ?? EMPTY);
+  pending.set(id, onDone);
+  dialling.set(id, onConnected);
 }

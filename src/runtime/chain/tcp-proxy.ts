@@ -31,7 +31,7 @@ import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protoco
 import type { ConnectionInfo } from '../connection-info.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
-import { connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
+import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
 
 /** An endpoint picked and counted active for one connection that the native relay dials itself. */
 export interface TcpReservation {
@@ -162,7 +162,105 @@ function drainInto(s: net.Socket, out: Buffer[]): void {
   for (let c: Buffer | null; (c = s.read() as Buffer | null) !== null;) out.push(c);
 }
 
-export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: TcpProxy, info: ConnectionInfo, env: TcpProxyEnv): void {
+/** Bytes of one connection, downstream and upstream views. */
+interface TcpBytes {
+  received: number;
+  sent: number;
+  upstreamSent: number;
+  upstreamReceived: number;
+}
+
+/** The one access-log entry and the end-of-connection counters of a proxied TCP connection. */
+function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
+  bytes: TcpBytes, reason: Reason): void {
+  telemetry.accessLog({
+    time: new Date(info.startMs).toISOString(),
+    kind: 'tcp',
+    downstream: `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`,
+    listener: info.listener,
+    chain: info.chain,
+    sni: info.sni,
+    ech: info.ech || undefined,
+    alpn: boundedAlpn(info),
+    tlsVersion: info.tlsVersion,
+    peerSubject: info.peerCertificate?.subject?.replace(/\n/g, ','),
+    // The mesh identity (SPIFFE ID) of an mTLS peer, as the HTTP entries log it.
+    peerUriSan: info.peerCertificate !== undefined ? subjectAltNames(info.peerCertificate).uri[0] : undefined,
+    route: proxy.name,
+    cluster,
+    upstream: endpoint || undefined,
+    bytesReceived: bytes.received,
+    bytesSent: bytes.sent,
+    upstreamBytesSent: bytes.upstreamSent,
+    upstreamBytesReceived: bytes.upstreamReceived,
+    durationMs: Date.now() - info.startMs,
+    reason,
+  });
+  telemetry.count('tcp_connections_total', { listener: info.listener, reason });
+  if (bytes.received > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, bytes.received);
+  if (bytes.sent > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, bytes.sent);
+}
+
+/**
+ * Native accept's fast path: the addon accepted the connection and read `helloBytes` bytes, JS
+ * routed them to this TCP proxy, and the picked cluster is plain TCP with an IP endpoint. The
+ * addon dials, sends a PROXY header if the cluster asked for one and the bytes it read, and
+ * relays; no Node socket is made on either side. Returns false, having done nothing, when this
+ * connection needs the socket path (proxyTcp with the same `target`): TLS origination, names to
+ * resolve, a unix socket, or an error that path reports.
+ */
+export function proxyTcpAccepted(id: number, helloBytes: number, proxy: TcpProxy, target: WeightedCluster | undefined,
+  info: ConnectionInfo, env: TcpProxyEnv): boolean {
+  if (target === undefined || env.clusters.reserveTcp === undefined) return false;
+  const cluster = env.clusters.get?.(target.cluster);
+  if (cluster === undefined || cluster.tls !== undefined || cluster.invalidBackend !== undefined) return false;
+  const res = env.clusters.reserveTcp(target.cluster);
+  if (res === undefined || res instanceof Error) return false;
+  const { telemetry } = env;
+  const labels = { listener: info.listener };
+  let endpoint = '';
+  const end = (native: NativeRelayResult | undefined, reason: Reason) => {
+    res.release();
+    telemetry.gauge('downstream_connections_active', -1, labels);
+    logTcpEnd(telemetry, info, proxy, target.cluster, endpoint, {
+      received: helloBytes + (native?.downRead ?? 0),
+      sent: native?.downWritten ?? 0,
+      upstreamSent: native?.upWritten ?? 0,
+      upstreamReceived: native?.upRead ?? 0,
+    }, reason);
+  };
+  telemetry.gauge('downstream_connections_active', 1, labels);
+  const pp = cluster.proxyProtocol;
+  const dialled = Date.now();
+  try {
+    connectAccepted(id, res.address, res.port, {
+      connectTimeoutMs: res.timeoutMs > 0 ? res.timeoutMs : 10_000,
+      idleTimeoutMs: cluster.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs,
+      prefix: pp ? proxyHeaderFor(pp, info) : undefined,
+    }, () => {
+      endpoint = res.endpoint;
+      telemetry.observe('upstream_connect_seconds', (Date.now() - dialled) / 1000, { cluster: target.cluster });
+    }, (r) => {
+      if (r.reason === 'upstream_connect_failed' || r.reason === 'upstream_connect_timeout') {
+        telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
+      }
+      end(r, r.reason === 'stopped' ? 'ok' : r.reason);
+    });
+  } catch (e) {
+    // Out of descriptors for pipes, say (the addon closed the connection): a dial that could not start.
+    telemetry.log('warn', 'native relay could not dial the upstream', { error: (e as Error).message });
+    telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
+    end(undefined, 'upstream_connect_failed');
+  }
+  return true;
+}
+
+/**
+ * `target`: the cluster already picked for this connection (native accept's fast path declined
+ * it); picked here otherwise.
+ */
+export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: TcpProxy, info: ConnectionInfo, env: TcpProxyEnv,
+  picked?: WeightedCluster): void {
   const { telemetry } = env;
   let up: net.Socket | undefined;
   let endpoint = '';
@@ -170,7 +268,7 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
   let done = false;
   let downClosed = false;
   let upClosed = false;
-  const target = pickWeighted(proxy.clusters);
+  const target = picked ?? pickWeighted(proxy.clusters);
   const labels = { listener: info.listener };
 
   /** While the native relay runs: its id; its report finishes the connection. */
@@ -190,38 +288,16 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     reservation?.release();
     down.destroy();
     up?.destroy();
-    const bytesReceived = down.bytesRead + (native?.downRead ?? 0);
-    const bytesSent = down.bytesWritten + (native?.downWritten ?? 0);
     telemetry.gauge('downstream_connections_active', -1, labels);
-    telemetry.accessLog({
-      time: new Date(info.startMs).toISOString(),
-      kind: 'tcp',
-      downstream: `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`,
-      listener: info.listener,
-      chain: info.chain,
-      sni: info.sni,
-      ech: info.ech || undefined,
-      alpn: boundedAlpn(info),
-      tlsVersion: info.tlsVersion,
-      peerSubject: info.peerCertificate?.subject?.replace(/\n/g, ','),
-      // The mesh identity (SPIFFE ID) of an mTLS peer, as the HTTP entries log it.
-      peerUriSan: info.peerCertificate !== undefined ? subjectAltNames(info.peerCertificate).uri[0] : undefined,
-      route: proxy.name,
-      cluster: target?.cluster,
-      upstream: endpoint || undefined,
+    logTcpEnd(telemetry, info, proxy, target?.cluster, endpoint, {
       // Downstream view: bytes the client sent us / we sent the client.
-      bytesReceived,
-      bytesSent,
+      received: down.bytesRead + (native?.downRead ?? 0),
+      sent: down.bytesWritten + (native?.downWritten ?? 0),
       // Upstream view: bytes we sent the upstream (replay included) / it sent us.
       // (With native connect there is no JS upstream socket: the addon's counts are all of it.)
-      upstreamBytesSent: (up?.bytesWritten ?? 0) + (native?.upWritten ?? 0),
-      upstreamBytesReceived: (up?.bytesRead ?? 0) + (native?.upRead ?? 0),
-      durationMs: Date.now() - info.startMs,
-      reason,
-    });
-    telemetry.count('tcp_connections_total', { listener: info.listener, reason });
-    if (bytesReceived > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, bytesReceived);
-    if (bytesSent > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, bytesSent);
+      upstreamSent: (up?.bytesWritten ?? 0) + (native?.upWritten ?? 0),
+      upstreamReceived: (up?.bytesRead ?? 0) + (native?.upRead ?? 0),
+    }, reason);
   };
 
   // A FIN from the client must reach the upstream without closing our write side (the listener

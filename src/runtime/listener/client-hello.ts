@@ -401,11 +401,17 @@ export function readClientHello(socket: net.Socket, opts: ReadClientHelloOptions
   const maxBytes = budget(opts.maxBytes);
   const cap = maxBytes + RECORD_HEADER_LENGTH;
   const scanner = new ClientHelloScanner(maxBytes);
-  return readPrefix<ClientHelloResult>(socket, { timeoutMs: opts.timeoutMs, cap, minStore: 1024 }, (view) => {
-    const st = scanner.scan(view);
-    if (st.kind !== 'need-more') return withBytes(st, view);
-    return view.length >= cap ? { kind: 'too-large', bytes: view } : undefined; // defensive
-  }, (why, view) => ({ kind: why, bytes: view }));
+  return readPrefix<ClientHelloResult>(socket, { timeoutMs: opts.timeoutMs, cap, minStore: 1024 },
+    (view) => resultOf(scanner.scan(view), view, cap), (why, view) => ({ kind: why, bytes: view }));
+}
+
+/**
+ * The reader's verdict on `view` from the scanner's state: undefined while more bytes are needed
+ * below `cap` (maxBytes + RECORD_HEADER_LENGTH, where the parser has always decided).
+ */
+export function resultOf(st: ParseState, view: Buffer, cap: number): ClientHelloResult | undefined {
+  if (st.kind !== 'need-more') return withBytes(st, view);
+  return view.length >= cap ? { kind: 'too-large', bytes: view } : undefined; // defensive
 }
 
 function withBytes(st: Exclude<ParseState, { kind: 'need-more' }>, bytes: Buffer): ClientHelloResult {

@@ -3,8 +3,16 @@
  * inspects TLS), select a filter chain, then terminate TLS, pass it through, or hand plaintext
  * on. The listener holds the Listener config of the newest snapshot; a connection keeps the
  * config it was accepted with, so a swap never changes an open connection.
+ *
+ * Native accept: a TLS-inspecting listener without PROXY protocol is accepted by the relay
+ * addon when it is in use (native-relay.ts). The addon reads the first bytes; a ClientHello
+ * routed to a plain TCP upstream is dialled and relayed by the addon with no Node socket at all,
+ * and every other connection becomes a Node socket here (adopted) and takes the usual path with
+ * the bytes already read. A swap to a config the addon cannot serve (no inspection, PROXY
+ * protocol) hands the listening socket back to Node.
  */
 import * as net from 'node:net';
+import { closeSync } from 'node:fs';
 import * as tls from 'node:tls';
 import type { FilterChain, Listener } from '../../model/snapshot.js';
 import { newConnectionId, setConnectionInfo, type ConnectionInfo } from '../connection-info.js';
@@ -13,7 +21,12 @@ import { readClientHello, type ClientHelloResult } from './client-hello.js';
 import { readProxyHeader, trustedMatcher } from './proxy-protocol.js';
 import { tlsAlert, ALERT_UNRECOGNIZED_NAME, ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR } from './tls-alert.js';
 import { selectFilterChain } from './chain-select.js';
-import { proxyTcp, type TcpConnector } from '../chain/tcp-proxy.js';
+import { pickWeighted, proxyTcp, proxyTcpAccepted, type TcpConnector } from '../chain/tcp-proxy.js';
+import {
+  adoptAccepted, closeAccepted, closeNativeListenerConnections, configureNativeListener, forgetNativeListener, listenNative, moreAccepted, nativeAcceptInUse,
+  nativeListenerStats, releaseAccepted, unlistenNative, type AcceptedHello, type NativeListenerLimits,
+} from '../chain/native-relay.js';
+import { ClientHelloScanner, RECORD_HEADER_LENGTH, resultOf } from './client-hello.js';
 import { checkPeerCertificate, handshakeVerification } from '../pki/verify.js';
 import { serverSocketOptions } from '../pki/context-cache.js';
 import type { SecureContext } from 'node:tls';
@@ -134,8 +147,38 @@ function encodeAlpn(names: readonly string[]): Buffer {
   return Buffer.concat(parts);
 }
 
+/** Whether the addon can accept for this listener config (it reads a ClientHello; nothing before it). */
+function acceptsNatively(config: Listener): boolean {
+  return config.inspector === 'tls-inspector' && config.proxyProtocol === undefined && nativeAcceptInUse();
+}
+
+function nativeLimits(config: Listener, runtime: ChainRuntime): NativeListenerLimits {
+  return {
+    helloCapBytes: Math.max(0, config.maxClientHelloBytes) + RECORD_HEADER_LENGTH,
+    helloTimeoutMs: config.clientHelloTimeoutMs,
+    maxConnections: (runtime.limits ?? DEFAULT_LIMITS).maxConnections,
+  };
+}
+
+/** An accepted connection whose bytes so far did not decide yet. */
+interface PendingHello {
+  info: ConnectionInfo;
+  state: ListenerState;
+  scanner: ClientHelloScanner;
+  /** The bytes so far: store[0, len), the store growing by doubling (a drip costs O(n) copies). */
+  store: Buffer;
+  len: number;
+}
+
 export class ListenerRuntime {
   #server: net.Server;
+  /** While the addon accepts for this listener: its id, and the unsubscribe of the hook that reads its refusals. */
+  #native: { lid: number; unhook: () => void } | undefined;
+  readonly #hellos = new Map<number, PendingHello>();
+  /** Adopted sockets still open (the addon counts them too). */
+  #adopted = 0;
+  /** The bound address, kept for when the Node server no longer listens (native accept). */
+  #bound: net.AddressInfo | undefined;
   #state: ListenerState;
   readonly #sockets = new Set<net.Socket>();
   #accepting = true;
@@ -157,7 +200,8 @@ export class ListenerRuntime {
   }
 
   get connections(): number {
-    return this.#sockets.size;
+    // Natively accepted connections, adopted ones included, are counted by the addon.
+    return this.#lid !== undefined ? this.#nativeStats() + this.#sockets.size - this.#adopted : this.#sockets.size;
   }
 
   listen(): Promise<void> {
@@ -168,9 +212,11 @@ export class ListenerRuntime {
       this.#server.listen({ host: address, port, backlog: 1024 }, () => {
         this.#server.off('error', onErr);
         const a = this.#server.address();
-        if (typeof a === 'object' && a !== null && a.address !== '0.0.0.0' && a.address !== '::') {
-          this.#local = { address: a.address, port: a.port };
+        if (typeof a === 'object' && a !== null) {
+          this.#bound = a;
+          if (a.address !== '0.0.0.0' && a.address !== '::') this.#local = { address: a.address, port: a.port };
         }
+        if (acceptsNatively(this.#state.config)) this.#acceptNatively();
         resolve();
       });
     });
@@ -178,18 +224,27 @@ export class ListenerRuntime {
 
   /** The port actually bound (differs from config when config asked for 0). */
   boundPort(): number {
-    const a = this.#server.address();
-    return typeof a === 'object' && a ? a.port : this.#state.config.port;
+    return this.#bound?.port ?? this.#state.config.port;
   }
 
   /** Swaps in a newer snapshot's listener; open connections keep what they started with. */
   update(state: ListenerState): void {
     this.#state = state;
+    const n = this.#native;
+    if (n === undefined) return;
+    if (acceptsNatively(state.config)) {
+      configureNativeListener(n.lid, nativeLimits(state.config, state.runtime));
+      return;
+    }
+    // The addon cannot serve this config (a server-speaks-first TCP port, PROXY protocol):
+    // Node accepts on the same listening socket again.
+    this.#stopNative(true);
   }
 
   /** Stops accepting; open connections continue until they end or `closeAll` is called. */
   stopAccepting(): Promise<void> {
     this.#accepting = false;
+    if (this.#native !== undefined) this.#stopNative(false);
     // close() stops accepting now; its callback waits for every connection to end, which is
     // the drain's business, so do not wait for it here.
     if (this.#server.listening) this.#server.close();
@@ -198,6 +253,193 @@ export class ListenerRuntime {
 
   closeAll(): void {
     for (const s of this.#sockets) s.destroy();
+    if (this.#lid !== undefined) closeNativeListenerConnections(this.#lid);
+    // Those waiting for more bytes are closed by the addon without another report.
+    this.#hellos.clear();
+  }
+
+  /** The addon listener id, kept after it stopped accepting (its connections may still run). */
+  #lid: number | undefined;
+
+  /**
+   * From now on the relay thread accepts on this listener's socket; Node's handle is closed. In a
+   * cluster worker, the handle's own close is called, not cluster's wrapper: the primary keeps
+   * the shared socket for workers that start later.
+   */
+  #acceptNatively(): void {
+    const handle = (this.#server as unknown as { _handle?: { fd?: number; close?: () => void } | null })._handle;
+    const fd = handle?.fd;
+    if (handle == null || typeof fd !== 'number' || fd < 0) return;
+    const { config, runtime } = this.#state;
+    let lid: number;
+    try {
+      lid = listenNative(fd, nativeLimits(config, runtime), this.#local === undefined, (h) => this.#onNativeHello(lid, h));
+    } catch (e) {
+      runtime.telemetry.log('warn', 'native accept unavailable for this listener; Node accepts', { listener: config.name, error: (e as Error).message });
+      return;
+    }
+    // Refusals are counted by the addon; metrics readers see them as of the read.
+    const unhook = runtime.telemetry.onCollect?.(() => this.#nativeStats(lid)) ?? (() => {});
+    this.#native = { lid, unhook };
+    this.#lid = lid;
+    const own = Object.getPrototypeOf(handle) as { close?: (this: unknown) => void };
+    if (typeof own.close === 'function') own.close.call(handle);
+    (this.#server as unknown as { _handle: unknown })._handle = null;
+  }
+
+  /** Stops native accept; with `toNode`, Node accepts on the same socket again. */
+  #stopNative(toNode: boolean): void {
+    const n = this.#native!;
+    this.#native = undefined;
+    n.unhook();
+    this.#nativeStats(n.lid);
+    let fd = -1;
+    try {
+      fd = unlistenNative(n.lid, toNode && this.#accepting);
+    } catch (e) {
+      this.#state.runtime.telemetry.log('error', 'cannot hand the listening socket back to Node', { listener: this.name, error: (e as Error).message });
+    }
+    // Connections it accepted still report; its handler goes once the last of them has closed.
+    const lid = n.lid;
+    const sweep = setInterval(() => {
+      if (this.#nativeStats(lid) > 0 || this.#hellos.size > 0) return;
+      clearInterval(sweep);
+      forgetNativeListener(lid);
+    }, 1000);
+    sweep.unref();
+    if (fd < 0) return;
+    this.#server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (s) => this.#onConnection(s));
+    this.#server.on('error', (e) => this.#state.runtime.telemetry.log('error', 'listener error', { listener: this.name, error: e.message }));
+    // exclusive: in a cluster worker, accept on this descriptor here rather than ask the primary.
+    this.#server.listen({ fd, exclusive: true });
+  }
+
+  /** Turns the addon's refusals (over maxConnections) into the counter; returns its open count. */
+  #nativeStats(lid = this.#lid): number {
+    if (lid === undefined) return 0;
+    const { open, refused } = nativeListenerStats(lid);
+    if (refused > 0) {
+      this.#state.runtime.telemetry.count('downstream_connections_refused_total', { listener: this.name, reason: 'listener_overflow' }, refused);
+    }
+    return open;
+  }
+
+  /**
+   * A report from the addon for a connection it accepted: the bytes new since the last one. Until
+   * they decide, more are asked for; then the connection takes the fast path or becomes a socket.
+   */
+  #onNativeHello(lid: number, h: AcceptedHello): void {
+    let p = this.#hellos.get(h.id);
+    if (p === undefined) {
+      const state = this.#state;
+      const { config } = state;
+      const local = this.#local;
+      const info: ConnectionInfo = {
+        id: newConnectionId(),
+        startMs: Date.now(),
+        downstreamRemoteAddress: h.remoteAddress ?? '',
+        downstreamRemotePort: h.remotePort ?? 0,
+        downstreamLocalAddress: local !== undefined ? local.address : h.localAddress ?? '',
+        downstreamLocalPort: local !== undefined ? local.port : h.localPort ?? 0,
+        listener: config.name,
+      };
+      state.runtime.telemetry.count('downstream_connections_total', labelsOf(config).listener);
+      if (!acceptsNatively(config)) {
+        // Accepted just before a swap to a config the addon cannot serve: the socket path, from the start.
+        const socket = this.#adopt(lid, h.id, info);
+        if (socket === undefined) return;
+        if (h.bytes.length) socket.unshift(h.bytes);
+        if (config.proxyProtocol) this.#proxyProtocol(socket, info, state);
+        else this.#inspect(socket, info, state);
+        return;
+      }
+      p = { info, state, scanner: new ClientHelloScanner(config.maxClientHelloBytes), store: h.bytes, len: h.bytes.length };
+    } else if (h.bytes.length) {
+      const need = p.len + h.bytes.length;
+      if (p.store.length < need) {
+        const grown = Buffer.allocUnsafe(Math.max(2 * need, 1024));
+        p.store.copy(grown, 0, 0, p.len);
+        p.store = grown;
+      }
+      h.bytes.copy(p.store, p.len);
+      p.len = need;
+    }
+    const { config } = p.state;
+    const view = p.store.subarray(0, p.len);
+    const hello = resultOf(p.scanner.scan(view), view, config.maxClientHelloBytes + RECORD_HEADER_LENGTH)
+      ?? (h.status === 'data' ? undefined : { kind: h.status === 'timeout' ? 'timeout' as const : 'closed' as const, bytes: view });
+    if (hello === undefined) {
+      this.#hellos.set(h.id, p);
+      moreAccepted(h.id);
+      return;
+    }
+    this.#hellos.delete(h.id);
+    const { info, state } = p;
+    if (hello.kind === 'tls' && h.status !== 'reset') {
+      // The fast path: a ClientHello routed to plain TCP, dialled and relayed by the addon (also
+      // when the client already half-closed: the addon forwards that FIN after the bytes).
+      const sel = selectFilterChain(config, { sni: hello.sni, alpn: hello.alpn, transport: 'tls', localAddress: info.downstreamLocalAddress });
+      const chain = sel.chain;
+      if (chain !== undefined && chain.tls === undefined && chain.filter.kind === 'tcp') {
+        const { runtime } = state;
+        const target = pickWeighted(chain.filter.clusters);
+        if (hello.sni !== undefined) info.sni = hello.sni;
+        info.alpnOffered = hello.alpn;
+        if (hello.ech) info.ech = true;
+        info.chain = chain.name;
+        const env = { clusters: runtime.clusters, telemetry: runtime.telemetry };
+        if (proxyTcpAccepted(h.id, view.length, chain.filter, target, info, env)) {
+          runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
+          runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
+          return;
+        }
+        // The socket path for this one, with the same pick (a weighted split stays as configured).
+        const socket = this.#adopt(lid, h.id, info);
+        if (socket === undefined) return;
+        runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
+        runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
+        proxyTcp(socket, hello.bytes, chain.filter, info, env, target);
+        return;
+      }
+    }
+    if (hello.kind === 'closed' || hello.kind === 'timeout') {
+      // Nothing to say to the client: the addon closes it; no socket is made for a refusal.
+      closeAccepted(h.id);
+      this.#refuse(undefined, info, config, hello.kind === 'timeout' ? 'client_hello_timeout' : 'downstream_closed_early');
+      return;
+    }
+    const socket = this.#adopt(lid, h.id, info);
+    if (socket === undefined) return;
+    this.#onHello(socket, hello, info, state);
+  }
+
+  /**
+   * The accepted connection as a Node socket (paused), counted like one Node accepted itself; it
+   * counts against the addon's limit until it closes. Undefined (the descriptor closed, logged)
+   * when Node cannot open it.
+   */
+  #adopt(lid: number, id: number, info: ConnectionInfo): net.Socket | undefined {
+    const fd = adoptAccepted(id);
+    let socket: net.Socket;
+    try {
+      socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true, pauseOnCreate: true } as net.SocketConstructorOpts);
+    } catch (e) {
+      closeSync(fd);
+      releaseAccepted(lid);
+      this.#state.runtime.telemetry.log('warn', 'cannot open an accepted connection', { listener: this.name, error: (e as Error).message });
+      return undefined;
+    }
+    socket.setNoDelay(true);
+    socket.on('error', () => {}); // each stage adds its own handling; never crash on a reset
+    this.#sockets.add(socket);
+    this.#adopted++;
+    socket.once('close', () => {
+      this.#sockets.delete(socket);
+      this.#adopted--;
+      releaseAccepted(lid);
+    });
+    setConnectionInfo(socket, info);
+    return socket;
   }
 
   #onConnection(socket: net.Socket): void {
@@ -319,10 +561,13 @@ export class ListenerRuntime {
     }
   }
 
-  #refuse(socket: net.Socket, info: ConnectionInfo, config: Listener, reason: Reason, detail?: string): void {
+  /** Closes a connection no chain takes, counted and logged (`socket` undefined: the addon already closed it). */
+  #refuse(socket: net.Socket | undefined, info: ConnectionInfo, config: Listener, reason: Reason, detail?: string): void {
     const { telemetry } = this.#state.runtime;
-    socket.end();
-    setTimeout(() => socket.destroy(), 1000).unref();
+    if (socket !== undefined) {
+      socket.end();
+      setTimeout(() => socket.destroy(), 1000).unref();
+    }
     telemetry.count('downstream_connections_refused_total', { listener: config.name, reason });
     telemetry.accessLog({
       time: new Date(info.startMs).toISOString(),
