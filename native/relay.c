@@ -1111,6 +1111,26 @@ static napi_value js_start(napi_env env, napi_callback_info info) {
   return submit(env, r, c);
 }
 
+/* Parses an IPv4 or IPv6 literal and port into addr; false when it is neither. */
+static bool parse_address(const char *ip, int64_t port, struct sockaddr_storage *addr, socklen_t *addrlen) {
+  memset(addr, 0, sizeof *addr);
+  struct sockaddr_in *a4 = (struct sockaddr_in *)addr;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)addr;
+  if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    *addrlen = sizeof *a4;
+    return true;
+  }
+  if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    *addrlen = sizeof *a6;
+    return true;
+  }
+  return false;
+}
+
 /* connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head) -> id */
 static napi_value js_connect(napi_env env, napi_callback_info info) {
   struct relay *r;
@@ -1131,18 +1151,7 @@ static napi_value js_connect(napi_env env, napi_callback_info info) {
   }
   struct sockaddr_storage addr;
   socklen_t addrlen;
-  memset(&addr, 0, sizeof addr);
-  struct sockaddr_in *a4 = (struct sockaddr_in *)&addr;
-  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&addr;
-  if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
-    a4->sin_family = AF_INET;
-    a4->sin_port = htons((uint16_t)port);
-    addrlen = sizeof *a4;
-  } else if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
-    a6->sin6_family = AF_INET6;
-    a6->sin6_port = htons((uint16_t)port);
-    addrlen = sizeof *a6;
-  } else {
+  if (!parse_address(ip, port, &addr, &addrlen)) {
     napi_throw_type_error(env, NULL, "connect: not an IPv4 or IPv6 address");
     return NULL;
   }
@@ -1444,26 +1453,6 @@ static napi_value js_close_accepted(napi_env env, napi_callback_info info) {
   free_conn_fds(r, c);
   free(c);
   return NULL;
-}
-
-/* Parses an IPv4 or IPv6 literal and port into addr; false when it is neither. */
-static bool parse_address(const char *ip, int64_t port, struct sockaddr_storage *addr, socklen_t *addrlen) {
-  memset(addr, 0, sizeof *addr);
-  struct sockaddr_in *a4 = (struct sockaddr_in *)addr;
-  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)addr;
-  if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
-    a4->sin_family = AF_INET;
-    a4->sin_port = htons((uint16_t)port);
-    *addrlen = sizeof *a4;
-    return true;
-  }
-  if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
-    a6->sin6_family = AF_INET6;
-    a6->sin6_port = htons((uint16_t)port);
-    *addrlen = sizeof *a6;
-    return true;
-  }
-  return false;
 }
 
 /*

@@ -33,6 +33,11 @@ export interface ConnectionInfo {
   proxyPeer?: string;
   /** Own identity (URI SAN) for XFCC By=, when the proxy has one. */
   localIdentity?: string;
+  /**
+   * Bytes read from the client before its socket existed (native accept reads the ClientHello,
+   * then hands the socket over): counted in bytesReceived, since the socket's own count misses them.
+   */
+  preReadBytes?: number;
 }
 
 export function getConnectionInfo(socket: unknown): ConnectionInfo | undefined {

@@ -291,7 +291,7 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     telemetry.gauge('downstream_connections_active', -1, labels);
     logTcpEnd(telemetry, info, proxy, target?.cluster, endpoint, {
       // Downstream view: bytes the client sent us / we sent the client.
-      received: down.bytesRead + (native?.downRead ?? 0),
+      received: down.bytesRead + (native?.downRead ?? 0) + (down instanceof TLSSocket ? 0 : info.preReadBytes ?? 0),
       sent: down.bytesWritten + (native?.downWritten ?? 0),
       // Upstream view: bytes we sent the upstream (replay included) / it sent us.
       // (With native connect there is no JS upstream socket: the addon's counts are all of it.)

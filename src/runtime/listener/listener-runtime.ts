@@ -333,20 +333,11 @@ export class ListenerRuntime {
     if (p === undefined) {
       const state = this.#state;
       const { config } = state;
-      const local = this.#local;
-      const info: ConnectionInfo = {
-        id: newConnectionId(),
-        startMs: Date.now(),
-        downstreamRemoteAddress: h.remoteAddress ?? '',
-        downstreamRemotePort: h.remotePort ?? 0,
-        downstreamLocalAddress: local !== undefined ? local.address : h.localAddress ?? '',
-        downstreamLocalPort: local !== undefined ? local.port : h.localPort ?? 0,
-        listener: config.name,
-      };
+      const info = this.#newInfo(config, h.remoteAddress, h.remotePort, h.localAddress, h.localPort);
       state.runtime.telemetry.count('downstream_connections_total', labelsOf(config).listener);
       if (!acceptsNatively(config)) {
         // Accepted just before a swap to a config the addon cannot serve: the socket path, from the start.
-        const socket = this.#adopt(lid, h.id, info);
+        const socket = this.#adopt(lid, h.id, info, h.bytes.length);
         if (socket === undefined) return;
         if (h.bytes.length) socket.unshift(h.bytes);
         if (config.proxyProtocol) this.#proxyProtocol(socket, info, state);
@@ -394,7 +385,7 @@ export class ListenerRuntime {
           return;
         }
         // The socket path for this one, with the same pick (a weighted split stays as configured).
-        const socket = this.#adopt(lid, h.id, info);
+        const socket = this.#adopt(lid, h.id, info, view.length);
         if (socket === undefined) return;
         runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
         runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
@@ -408,7 +399,7 @@ export class ListenerRuntime {
       this.#refuse(undefined, info, config, hello.kind === 'timeout' ? 'client_hello_timeout' : 'downstream_closed_early');
       return;
     }
-    const socket = this.#adopt(lid, h.id, info);
+    const socket = this.#adopt(lid, h.id, info, view.length);
     if (socket === undefined) return;
     this.#onHello(socket, hello, info, state);
   }
@@ -418,8 +409,9 @@ export class ListenerRuntime {
    * counts against the addon's limit until it closes. Undefined (the descriptor closed, logged)
    * when Node cannot open it.
    */
-  #adopt(lid: number, id: number, info: ConnectionInfo): net.Socket | undefined {
+  #adopt(lid: number, id: number, info: ConnectionInfo, preRead: number): net.Socket | undefined {
     const fd = adoptAccepted(id);
+    if (preRead > 0) info.preReadBytes = preRead;
     let socket: net.Socket;
     try {
       socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true, pauseOnCreate: true } as net.SocketConstructorOpts);
@@ -442,6 +434,20 @@ export class ListenerRuntime {
     return socket;
   }
 
+  /** A new connection's info; the local address is the listener's own unless it is a wildcard. */
+  #newInfo(config: Listener, remoteAddress?: string, remotePort?: number, localAddress?: string, localPort?: number): ConnectionInfo {
+    const local = this.#local;
+    return {
+      id: newConnectionId(),
+      startMs: Date.now(),
+      downstreamRemoteAddress: remoteAddress ?? '',
+      downstreamRemotePort: remotePort ?? 0,
+      downstreamLocalAddress: local !== undefined ? local.address : localAddress ?? '',
+      downstreamLocalPort: local !== undefined ? local.port : localPort ?? 0,
+      listener: config.name,
+    };
+  }
+
   #onConnection(socket: net.Socket): void {
     const { config, runtime } = this.#state;
     const { telemetry } = runtime;
@@ -456,16 +462,9 @@ export class ListenerRuntime {
     }
     this.#sockets.add(socket);
     socket.once('close', () => this.#sockets.delete(socket));
-    const local = this.#local;
-    const info: ConnectionInfo = {
-      id: newConnectionId(),
-      startMs: Date.now(),
-      downstreamRemoteAddress: socket.remoteAddress ?? '',
-      downstreamRemotePort: socket.remotePort ?? 0,
-      downstreamLocalAddress: local !== undefined ? local.address : socket.localAddress ?? '',
-      downstreamLocalPort: local !== undefined ? local.port : socket.localPort ?? 0,
-      listener: config.name,
-    };
+    // The local address is asked of the socket only on a wildcard listener (a getsockname()).
+    const info = this.#newInfo(config, socket.remoteAddress, socket.remotePort,
+      this.#local === undefined ? socket.localAddress : undefined, this.#local === undefined ? socket.localPort : undefined);
     setConnectionInfo(socket, info);
     telemetry.count('downstream_connections_total', labelsOf(config).listener);
     if (config.proxyProtocol) {
@@ -523,7 +522,8 @@ export class ListenerRuntime {
   }
 
   #onHello(socket: net.Socket, hello: ClientHelloResult, info: ConnectionInfo, state: ListenerState): void {
-    if (socket.destroyed) return;
+    // A client that reset mid-hello destroyed the socket: still logged and counted, as any early close.
+    if (socket.destroyed && hello.kind !== 'closed') return;
     const { config, runtime } = state;
     const { telemetry } = runtime;
     switch (hello.kind) {
