@@ -199,6 +199,10 @@ struct relay {
   /* main thread only: accepted connections JS has been told about and not yet decided on. */
   struct conn *awaiting[HASH_BUCKETS];
   napi_ref on_hello;
+  /* JS's buffer that hello bytes are copied into (valid during the handler; no Buffer per report). */
+  napi_ref scratch_ref;
+  uint8_t *scratch;
+  size_t scratch_len;
   napi_env env;
   /* relay-thread state */
   struct conn *buckets[HASH_BUCKETS];
@@ -923,8 +927,14 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
     napi_create_uint32(env, c->lst ? c->lst->id : 0, &argv[0]);
     napi_create_uint32(env, c->id, &argv[1]);
     napi_create_int32(env, c->fd[0], &argv[2]);
-    void *copy;
-    napi_create_buffer_copy(env, res->len, c->hello + res->from, &copy, &argv[3]);
+    if (res->len <= r->scratch_len) {
+      /* The handler gets the length; the bytes are in the buffer it gave init(). */
+      if (res->len) memcpy(r->scratch, c->hello + res->from, res->len);
+      napi_create_uint32(env, (uint32_t)res->len, &argv[3]);
+    } else {
+      void *copy;
+      napi_create_buffer_copy(env, res->len, c->hello + res->from, &copy, &argv[3]);
+    }
     napi_create_int32(env, res->status, &argv[4]);
     if (res->from == 0) {
       address_values(env, &c->peer, &argv[5], &argv[6]);
@@ -1536,13 +1546,13 @@ static void cleanup(void *arg);
  * plus once with reason "connected" (not an end) when a connect() connection reached its upstream. */
 static napi_value js_init(napi_env env, napi_callback_info info) {
   struct relay *r;
-  size_t argc = 2;
-  napi_value argv[2];
+  size_t argc = 3;
+  napi_value argv[3];
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
   napi_valuetype t, t2 = napi_undefined;
   if (argc < 1 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_function ||
       (argc >= 2 && (napi_typeof(env, argv[1], &t2) != napi_ok || (t2 != napi_function && t2 != napi_undefined)))) {
-    napi_throw_type_error(env, NULL, "init(onDone, onHello?)");
+    napi_throw_type_error(env, NULL, "init(onDone, onHello?, helloBuffer?)");
     return NULL;
   }
   if (r->tsfn) {
@@ -1557,6 +1567,15 @@ static napi_value js_init(napi_env env, napi_callback_info info) {
   }
   napi_unref_threadsafe_function(env, r->tsfn);
   if (t2 == napi_function) napi_create_reference(env, argv[1], 1, &r->on_hello);
+  bool is_buf = false;
+  if (argc >= 3 && napi_is_buffer(env, argv[2], &is_buf) == napi_ok && is_buf) {
+    void *data = NULL;
+    size_t len = 0;
+    if (napi_get_buffer_info(env, argv[2], &data, &len) == napi_ok && napi_create_reference(env, argv[2], 1, &r->scratch_ref) == napi_ok) {
+      r->scratch = data;
+      r->scratch_len = len;
+    }
+  }
   /* Cleanup hooks run last-added first: re-adding ours after the thread-safe function was
    * created makes it run before that function's own teardown, so the relay thread is joined
    * while the function it reports through still exists. */

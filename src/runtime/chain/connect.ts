@@ -12,6 +12,7 @@ import { getConnectionInfo, type ConnectionInfo } from '../connection-info.js';
 import type { Telemetry } from '../telemetry.js';
 import { readClientHello } from '../listener/client-hello.js';
 import { proxyTcp, type TcpConnector } from './tcp-proxy.js';
+import { isoTime } from '../iso-time.js';
 
 function hostMatches(pattern: string, host: string): boolean {
   if (pattern === '*' || pattern === host) return true;
@@ -78,7 +79,7 @@ export function handleConnect(
     chain: `CONNECT ${target}`,
   };
   const refuse = (status: number, reason: string) => {
-    env.telemetry.accessLog({ time: new Date(info.startMs).toISOString(), kind: 'tunnel', method: 'CONNECT', authority: target, status, listener: info.listener, reason });
+    env.telemetry.accessLog({ time: isoTime(info.startMs), kind: 'tunnel', method: 'CONNECT', authority: target, status, listener: info.listener, reason });
     const text = status === 400 ? 'Bad Request' : status === 403 ? 'Forbidden' : 'Not Found';
     socket.end(`HTTP/1.1 ${status} ${text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`);
   };
@@ -101,7 +102,7 @@ export function handleConnect(
     }
     const route = selectTunnelRoute(cand, hello.kind === 'tls' ? hello.sni : undefined)?.route;
     if (!route) {
-      env.telemetry.accessLog({ time: new Date(info.startMs).toISOString(), kind: 'tunnel', method: 'CONNECT', authority: target, sni: info.sni, listener: info.listener, reason: hello.kind === 'tls' ? 'no_sni_match' : 'not_tls' });
+      env.telemetry.accessLog({ time: isoTime(info.startMs), kind: 'tunnel', method: 'CONNECT', authority: target, sni: info.sni, listener: info.listener, reason: hello.kind === 'tls' ? 'no_sni_match' : 'not_tls' });
       socket.destroy();
       return;
     }

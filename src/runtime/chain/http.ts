@@ -21,6 +21,7 @@
  * happens; nothing here throws into the server.
  */
 import { randomUUID, type X509Certificate } from 'node:crypto';
+import { isoTime } from '../iso-time.js';
 import type { IncomingMessage, OutgoingHttpHeader, ServerResponse } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
@@ -213,20 +214,6 @@ function applyListMutation(h: HeaderList, m: HeaderMutation | undefined): Header
   for (const [name, value] of m.set) out.push(name.toLowerCase(), value);
   for (const [name, value] of m.add) out.push(name.toLowerCase(), value);
   return out;
-}
-
-/** ISO-8601 time of a Date.now() value; the text up to the second is computed once per second. */
-let isoSecond = -1;
-let isoPrefix = '';
-export function isoTime(ms: number): string {
-  if (ms < 0 || !Number.isInteger(ms)) return new Date(ms).toISOString();
-  const sec = Math.floor(ms / 1000);
-  if (sec !== isoSecond) {
-    isoSecond = sec;
-    isoPrefix = new Date(sec * 1000).toISOString().slice(0, 20); // "2026-11-29T11:30:00."
-  }
-  const r = ms - sec * 1000;
-  return `${isoPrefix}${r < 10 ? '00' : r < 100 ? '0' : ''}${r}Z`;
 }
 
 /** XFCC and log facts per client certificate, computed once per certificate (not per request). */

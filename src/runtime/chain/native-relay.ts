@@ -47,6 +47,7 @@ const HELLO_STATUS: readonly HelloStatus[] = ['data', 'closed', 'timeout', 'rese
  */
 export interface AcceptedHello {
   id: number;
+  /** Valid only during the handler (it is a view of a buffer the next report reuses): copy what is kept. */
   bytes: Buffer;
   status: HelloStatus;
   /** Only with a connection's first report. */
@@ -66,7 +67,8 @@ export interface NativeListenerLimits {
 
 interface Addon {
   init(onDone: (id: number, downRead: number, upWritten: number, upRead: number, downWritten: number, reason: string) => void,
-    onHello?: (lid: number, id: number, fd: number, bytes: Buffer, status: number, ra?: string, rp?: number, la?: string, lp?: number) => void): void;
+    onHello?: (lid: number, id: number, fd: number, bytes: Buffer | number, status: number, ra?: string, rp?: number, la?: string, lp?: number) => void,
+    helloBuffer?: Buffer): void;
   listen(fd: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number, wildcard: boolean): number;
   configureListener(lid: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number): void;
   listenerStats(lid: number): [number, number];
@@ -91,6 +93,12 @@ const pending = new Map<number, (r: NativeRelayResult) => void>();
 const dialling = new Map<number, () => void>();
 const nativeConnect = process.env.TLSGATE_NATIVE_CONNECT !== '0';
 const nativeAccept = process.env.TLSGATE_NATIVE_ACCEPT !== '0';
+/**
+ * The addon copies each report's hello bytes here and passes their length (a Buffer per report
+ * costs more than the rest of the report); longer reports (a raised maxClientHelloBytes) come as
+ * their own Buffer.
+ */
+const helloBuffer = Buffer.allocUnsafeSlow(64 * 1024 + 1024);
 /** Accepting listeners: their hello handlers. */
 const acceptors = new Map<number, (h: AcceptedHello) => void>();
 const EMPTY = Buffer.alloc(0);
@@ -145,12 +153,13 @@ function load(): Addon | undefined {
       const on = acceptors.get(lid);
       try {
         if (on === undefined) throw new Error('listener gone');
-        on({ id, bytes, status: HELLO_STATUS[status] ?? 'reset', remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp });
+        on({ id, bytes: typeof bytes === 'number' ? helloBuffer.subarray(0, bytes) : bytes, status: HELLO_STATUS[status] ?? 'reset',
+          remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp });
       } catch {
         // No decision made (a handler that threw, or its listener is gone): close rather than leak.
         try { a.closeAccepted(id); } catch { /* already decided */ }
       }
-    });
+    }, helloBuffer);
     addon = a;
   } catch (e) {
     loadError = (e as Error).message;

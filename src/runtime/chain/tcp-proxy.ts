@@ -29,6 +29,7 @@ import type { Cluster, TcpProxy, WeightedCluster } from '../../model/snapshot.js
 import { isIP } from 'node:net';
 import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../connection-info.js';
+import { isoTime } from '../iso-time.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
 import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
@@ -174,7 +175,7 @@ interface TcpBytes {
 function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
   bytes: TcpBytes, reason: Reason): void {
   telemetry.accessLog({
-    time: new Date(info.startMs).toISOString(),
+    time: isoTime(info.startMs),
     kind: 'tcp',
     downstream: `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`,
     listener: info.listener,

@@ -30,6 +30,7 @@ import { ClientHelloScanner, RECORD_HEADER_LENGTH, resultOf } from './client-hel
 import { checkPeerCertificate, handshakeVerification } from '../pki/verify.js';
 import { serverSocketOptions } from '../pki/context-cache.js';
 import type { SecureContext } from 'node:tls';
+import { isoTime } from '../iso-time.js';
 
 /** What a listener needs from the rest of the data plane for one snapshot generation. */
 export interface ChainRuntime {
@@ -339,7 +340,7 @@ export class ListenerRuntime {
         // Accepted just before a swap to a config the addon cannot serve: the socket path, from the start.
         const socket = this.#adopt(lid, h.id, info, h.bytes.length);
         if (socket === undefined) return;
-        if (h.bytes.length) socket.unshift(h.bytes);
+        if (h.bytes.length) socket.unshift(Buffer.from(h.bytes));
         if (config.proxyProtocol) this.#proxyProtocol(socket, info, state);
         else this.#inspect(socket, info, state);
         return;
@@ -360,6 +361,8 @@ export class ListenerRuntime {
     const hello = resultOf(p.scanner.scan(view), view, config.maxClientHelloBytes + RECORD_HEADER_LENGTH)
       ?? (h.status === 'data' ? undefined : { kind: h.status === 'timeout' ? 'timeout' as const : 'closed' as const, bytes: view });
     if (hello === undefined) {
+      // Kept across reports: a copy of its own (the report's bytes are a reused buffer's view).
+      if (p.store === h.bytes) p.store = Buffer.from(h.bytes);
       this.#hellos.set(h.id, p);
       moreAccepted(h.id);
       return;
@@ -389,7 +392,7 @@ export class ListenerRuntime {
         if (socket === undefined) return;
         runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
         runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
-        proxyTcp(socket, hello.bytes, chain.filter, info, env, target);
+        proxyTcp(socket, Buffer.from(view), chain.filter, info, env, target);
         return;
       }
     }
@@ -401,6 +404,7 @@ export class ListenerRuntime {
     }
     const socket = this.#adopt(lid, h.id, info, view.length);
     if (socket === undefined) return;
+    hello.bytes = Buffer.from(view); // replayed later: its own copy
     this.#onHello(socket, hello, info, state);
   }
 
@@ -570,7 +574,7 @@ export class ListenerRuntime {
     }
     telemetry.count('downstream_connections_refused_total', { listener: config.name, reason });
     telemetry.accessLog({
-      time: new Date(info.startMs).toISOString(),
+      time: isoTime(info.startMs),
       kind: 'connection',
       downstream: `${info.downstreamRemoteAddress}:${info.downstreamRemotePort}`,
       listener: config.name,

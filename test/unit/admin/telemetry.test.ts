@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { PromTelemetry } from '../../../src/admin/telemetry.js';
 import { counterOf, type Telemetry } from '../../../src/runtime/telemetry.js';
-import { isoTime } from '../../../src/runtime/chain/http.js';
+import { isoTime } from '../../../src/runtime/iso-time.js';
 
 function seriesValue(text: string, series: string): number | undefined {
   for (const line of text.split('\n')) {
