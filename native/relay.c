@@ -314,8 +314,8 @@ static void note_deadline(struct relay *r, int64_t due);
 
 /*
  * Queues a report. The main thread is woken once per batch: only when no wake-up is pending. A
- * `lazy` report (CONNECTED: it only feeds a metric) wakes nobody; it rides along with the next
- * batch, or goes out on its own after LAZY_REPORT_MS.
+ * `lazy` report wakes nobody; it rides along with the next batch, or goes out on its own after
+ * LAZY_REPORT_MS.
  */
 static void push_result(struct relay *r, struct result *res, bool lazy) {
   res->next = NULL;
@@ -353,7 +353,9 @@ static void report(struct relay *r, struct conn *c, int reason) {
   res->up_written = c->d2u.out;
   res->up_read = c->u2d.in;
   res->down_written = c->u2d.out;
-  push_result(r, res, reason == CONNECTED);
+  /* A final report rides along too while other connections are live (their reports come soon,
+   * and LAZY_REPORT_MS bounds the wait); with none, it goes at once. */
+  push_result(r, res, reason == CONNECTED || r->all != NULL);
 }
 
 /* Ends a connection: out of epoll, descriptors closed, one report to JS. Freed after the batch. */

@@ -865,7 +865,7 @@ export class ClusterManager {
     }
     const hosts = this.#currentHosts(s);
     if (hosts instanceof UpstreamError) return hosts;
-    if (!Array.isArray(hosts) || hosts.some((x) => net.isIP(x.address) === 0 || x.address.includes('%'))) return undefined;
+    if (!Array.isArray(hosts) || !allIpLiterals(hosts)) return undefined;
     const h = s.lb.pick(hosts);
     if (h === undefined) return new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' });
     h.active++;
@@ -881,6 +881,18 @@ export class ClusterManager {
       },
     };
   }
+}
+
+/** Host lists whose addresses are all IP literals without a zone (the native relay dials those). */
+const ipLiteralLists = new WeakMap<readonly { address: string }[], boolean>();
+
+function allIpLiterals(hosts: readonly { address: string }[]): boolean {
+  let ok = ipLiteralLists.get(hosts);
+  if (ok === undefined) {
+    ok = !hosts.some((x) => net.isIP(x.address) === 0 || x.address.includes('%'));
+    ipLiteralLists.set(hosts, ok);
+  }
+  return ok;
 }
 
 /** Graceful pool close bounded by `graceMs`, then destroy. */
