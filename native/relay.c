@@ -610,9 +610,13 @@ static void hello_read(struct relay *r, struct conn *c) {
       c->hello = b;
       c->hello_alloc = want;
     }
-    ssize_t n = recv(c->fd[0], c->hello + c->hello_len, c->hello_alloc - c->hello_len, 0);
+    size_t room = c->hello_alloc - c->hello_len;
+    ssize_t n = recv(c->fd[0], c->hello + c->hello_len, room, 0);
     if (n > 0) {
       c->hello_len += (size_t)n;
+      /* A short read emptied the socket: the next bytes bring a new edge, and every later stage
+       * (more, relay) starts with a read, so a FIN queued behind these bytes is not missed. */
+      if ((size_t)n < room) break;
       continue;
     }
     if (n == 0) {
@@ -747,7 +751,9 @@ static int64_t resume_listeners(struct relay *r, int64_t now) {
 
 static void run_commands(struct relay *r) {
   uint64_t v;
-  while (read(r->wake, &v, sizeof v) > 0) {}
+  /* One read resets an eventfd's counter. */
+  ssize_t rd = read(r->wake, &v, sizeof v);
+  (void)rd;
   pthread_mutex_lock(&r->mu);
   struct cmd *list = r->cmds;
   r->cmds = r->cmds_tail = NULL;

@@ -99,6 +99,8 @@ const nativeAccept = process.env.TLSGATE_NATIVE_ACCEPT !== '0';
  * their own Buffer.
  */
 const helloBuffer = Buffer.allocUnsafeSlow(64 * 1024 + 1024);
+/** The last accepted connection a decision was made for (see the hello handler's check). */
+let decided = 0;
 /** Accepting listeners: their hello handlers. */
 const acceptors = new Map<number, (h: AcceptedHello) => void>();
 const EMPTY = Buffer.alloc(0);
@@ -156,8 +158,11 @@ function load(): Addon | undefined {
         on({ id, bytes: typeof bytes === 'number' ? helloBuffer.subarray(0, bytes) : bytes, status: HELLO_STATUS[status] ?? 'reset',
           remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp });
       } catch {
-        // No decision made (a handler that threw, or its listener is gone): close rather than leak.
-        try { a.closeAccepted(id); } catch { /* already decided */ }
+        // A handler that threw, or a listener that is gone: no decision was made.
+      }
+      // Every report must end in a decision, or the descriptor would stay with the addon for good.
+      if (decided !== id) {
+        try { a.closeAccepted(id); } catch { /* decided after all */ }
       }
     }, helloBuffer);
     addon = a;
@@ -308,16 +313,19 @@ export function releaseAccepted(lid: number): void {
 
 /** The bytes so far did not decide: report again when more arrive (or close / timeout). */
 export function moreAccepted(id: number): void {
+  decided = id;
   addon!.more(id);
 }
 
 /** The connection's descriptor, now the caller's (for `new net.Socket({ fd })`). */
 export function adoptAccepted(id: number): number {
+  decided = id;
   return addon!.adopt(id);
 }
 
 /** Closes an accepted connection without a word to the client. */
 export function closeAccepted(id: number): void {
+  decided = id;
   addon!.closeAccepted(id);
 }
 
@@ -332,6 +340,7 @@ export function connectAccepted(
   onConnected: () => void, onDone: (r: NativeRelayResult) => void,
 ): void {
   const a = addon!;
+  decided = id;
   a.acceptedConnect(id, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)), opts.prefix ?? EMPTY);
   pending.set(id, onDone);
   dialling.set(id, onConnected);
