@@ -2,12 +2,13 @@
  * tlsgate's optional native TCP relay: moves bytes between two connected TCP sockets with
  * splice(2) (socket -> pipe -> socket), so payload never enters user space or the JS heap.
  *
- * One relay thread per Node environment, with its own epoll set, serves every relayed
+ * One epoll set per Node environment serves every relayed connection. It runs on Node's own
+ * event loop (a uv_poll on the epoll descriptor, and a timer for deadlines), as nginx runs one
+ * loop per worker: no thread, so no wake-ups, eventfds or locks cross between threads per
  * connection. JS hands over a pair of sockets it no longer reads or writes; the addon dup()s
  * both descriptors (a socket JS closes or destroys can never turn into a recycled fd number
- * here), and reports back exactly once per connection through a thread-safe function: the bytes
- * each side read and wrote, and why it ended. JS keeps its own sockets open until then and
- * closes them on that report.
+ * here), and reports back exactly once per connection: the bytes each side read and wrote, and
+ * why it ended. JS keeps its own sockets open until then and closes them on that report.
  *
  * Semantics match the JS relay: backpressure (a side is not read while its pipe still holds
  * bytes the other side has not taken), EOF forwarded as a half-close once the pipe is drained,
@@ -16,11 +17,11 @@
  *
  * connect() is the cheaper variant for a plain TCP upstream: JS hands over only the downstream
  * descriptor, the address to dial and the bytes it already read (ClientHello, PROXY header); the
- * relay thread opens the upstream socket itself, so Node never builds a socket object for it.
+ * relay opens the upstream socket itself, so Node never builds a socket object for it.
  * It reports once when the connect succeeded ("connected"), then the usual final report; a
  * connect that fails or times out is itself the final report.
  *
- * listen() goes one step further for a TLS-inspecting listener: the relay thread accepts the
+ * listen() goes one step further for a TLS-inspecting listener: the relay accepts the
  * connections itself and reads the first bytes (the ClientHello) into its own buffer, then hands
  * them to JS ("hello" report) together with the connection. JS decides from those bytes alone:
  * more bytes (more()), dial a plain TCP upstream and relay (acceptedConnect(): the bytes read go
@@ -28,24 +29,22 @@
  * takes the fast path never becomes a Node object at all. The listener's connection limit is
  * enforced here, at accept, counting adopted sockets until JS releases them.
  *
- * Reports are batched: the relay thread queues them and wakes the main thread once per batch, so
- * a busy relay costs one callback scope per wake-up, not one per report.
+ * Commands from JS are queued and run on the relay's next turn (never inside the JS call that
+ * made them), and the reports of one turn reach JS together, in one callback scope.
  */
 #include <stdatomic.h>
 #define _GNU_SOURCE
 #include <node_api.h>
+#include <uv.h>
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -57,7 +56,7 @@
 #define PUMP_BUDGET_BYTES (1u << 20)
 #define MAX_EVENTS 256
 #define HASH_BUCKETS 4096
-/* The longest the thread sleeps between idle scans when nothing is due sooner. */
+/* The longest the relay waits between idle scans when nothing is due sooner. */
 #define MAX_WAIT_MS 60000
 
 enum reason {
@@ -77,16 +76,13 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define ACCEPT_RETRY_MS 100
 /* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
 #define PIPE_POOL_MAX 64
-/* The longest a lazy report (CONNECTED) waits for a batch to ride along with. */
-#define LAZY_REPORT_MS 50
 /* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
 #define KEEPALIVE_IDLE_S 60
 
 struct conn;
 struct listener;
 
-/* What an epoll event points at: one side of one connection, a listener (conn NULL, lst set),
- * or, with the pointer itself NULL, the wake fd. */
+/* What an epoll event points at: one side of one connection, or a listener (conn NULL, lst set). */
 struct side {
   struct conn *conn;
   struct listener *lst;
@@ -94,7 +90,7 @@ struct side {
 };
 
 /*
- * A listening socket the relay thread accepts on (a dup of Node's, which JS then closes). The
+ * A listening socket the relay accepts on (a dup of Node's, which JS then closes). The
  * limits are set from JS at any time; `open` counts connections accepted here and not yet closed
  * (adopted ones until JS releases them). Never freed before teardown: connections point at it.
  */
@@ -103,11 +99,10 @@ struct listener {
   int fd;
   bool wildcard; /* bound to 0.0.0.0 / ::, so each connection's local address is looked up */
   _Atomic uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
-  /* relay thread only */
   bool closed, paused;
   int64_t resume_at;
   struct side side;
-  struct listener *next; /* every listener ever made (main thread adds under mu) */
+  struct listener *next; /* every listener ever made */
 };
 
 /* One direction: src socket -> pipe -> dst socket. */
@@ -140,7 +135,7 @@ struct conn {
   bool closed, queued;
   /* Reported to JS when it ends: every connection JS started (start, connect, acceptedConnect). */
   bool submitted;
-  /* Accepted by the relay thread: counted in lst->open until closed (or released by JS). */
+  /* Accepted by the relay: counted in lst->open until closed (or released by JS). */
   struct listener *lst;
   /* Hello stage (accepted, bytes not yet decided on by JS). */
   bool hello_stage;
@@ -175,28 +170,29 @@ struct cmd {
 };
 
 struct relay {
-  napi_threadsafe_function tsfn;
-  bool thread_started, quit;
-  pthread_t thread;
-  int ep, wake;
-  pthread_mutex_t mu;
+  /* The epoll set on Node's loop: its descriptor watched by `poll`; `timer` for deadlines and
+   * for a turn soon after JS queued commands. Both are unreferenced while nothing is relayed. */
+  uv_poll_t *poll;
+  uv_timer_t *timer;
+  bool started, in_turn;
+  int64_t timer_due; /* when `timer` fires (-1: not pending) */
+  int ep;
+  /* The report functions and the async context their calls run in. */
+  napi_ref on_done, resource;
+  napi_async_context async;
   struct cmd *cmds, *cmds_tail;
   _Atomic uint32_t next_id;
-  uint32_t active; /* main thread only: started and not yet reported, plus one per listener */
-  /* Reports waiting for the main thread; the thread-safe function is called when it was empty. */
-  pthread_mutex_t rmu;
+  uint32_t active; /* started and not yet reported, plus one per accepting listener */
+  /* Reports of the current turn, delivered at its end. */
   struct result *results, *results_tail;
-  bool wake_pending;
-  int64_t lazy_due; /* relay thread: when queued lazy reports go out on their own (-1: none) */
-  /* Empty pipe pairs for reuse, either thread (under pmu). */
-  pthread_mutex_t pmu;
+  /* Empty pipe pairs for reuse. */
   int pipes[PIPE_POOL_MAX][2];
   size_t pipe_caps[PIPE_POOL_MAX];
   int npipes;
-  /* Listeners: every one made (under mu), and the next id. */
+  /* Listeners: every one made, and the next id. */
   struct listener *listeners;
   uint32_t next_lid;
-  /* main thread only: accepted connections JS has been told about and not yet decided on. */
+  /* Accepted connections JS has been told about and not yet decided on. */
   struct conn *awaiting[HASH_BUCKETS];
   napi_ref on_hello;
   /* JS's buffer that hello bytes are copied into (valid during the handler; no Buffer per report). */
@@ -204,7 +200,7 @@ struct relay {
   uint8_t *scratch;
   size_t scratch_len;
   napi_env env;
-  /* relay-thread state */
+  /* Connections the relay holds. */
   struct conn *buckets[HASH_BUCKETS];
   struct conn *all;
   struct conn *ready, *dead;
@@ -230,16 +226,13 @@ static uint32_t new_id(struct relay *r) {
 
 /* A pipe for one direction: an empty one from the pool, else a new one. */
 static bool make_pipe(struct relay *r, struct dir *d) {
-  pthread_mutex_lock(&r->pmu);
   if (r->npipes > 0) {
     r->npipes--;
     d->pr = r->pipes[r->npipes][0];
     d->pw = r->pipes[r->npipes][1];
     d->cap = r->pipe_caps[r->npipes];
-    pthread_mutex_unlock(&r->pmu);
     return true;
   }
-  pthread_mutex_unlock(&r->pmu);
   int p[2];
   if (pipe2(p, O_NONBLOCK | O_CLOEXEC) != 0) return false;
   d->pr = p[0];
@@ -253,7 +246,6 @@ static bool make_pipe(struct relay *r, struct dir *d) {
 static void drop_pipe(struct relay *r, struct dir *d) {
   if (d->pr < 0) return;
   if (d->inpipe == 0 && d->pw >= 0) {
-    pthread_mutex_lock(&r->pmu);
     if (r->npipes < PIPE_POOL_MAX) {
       r->pipes[r->npipes][0] = d->pr;
       r->pipes[r->npipes][1] = d->pw;
@@ -261,7 +253,6 @@ static void drop_pipe(struct relay *r, struct dir *d) {
       r->npipes++;
       d->pr = d->pw = -1;
     }
-    pthread_mutex_unlock(&r->pmu);
   }
   close_fd(&d->pr);
   close_fd(&d->pw);
@@ -269,12 +260,10 @@ static void drop_pipe(struct relay *r, struct dir *d) {
 
 /* Closes the pooled pipes: with no connection left, an idle relay holds no descriptors. */
 static void drain_pipe_pool(struct relay *r) {
-  pthread_mutex_lock(&r->pmu);
   int n = r->npipes;
   r->npipes = 0;
   int fds[PIPE_POOL_MAX][2];
   memcpy(fds, r->pipes, sizeof(int[2]) * (size_t)n);
-  pthread_mutex_unlock(&r->pmu);
   for (int i = 0; i < n; i++) {
     close(fds[i][0]);
     close(fds[i][1]);
@@ -296,7 +285,7 @@ static void free_conn_fds(struct relay *r, struct conn *c) {
   c->lst = NULL;
 }
 
-/* ---- relay thread ------------------------------------------------------------------------ */
+/* ---- the relay loop ---------------------------------------------------------------------- */
 
 static void hash_remove(struct relay *r, struct conn *c) {
   struct conn **p = &r->buckets[c->id % HASH_BUCKETS];
@@ -312,35 +301,11 @@ static struct conn *hash_find(struct relay *r, uint32_t id) {
 
 static void note_deadline(struct relay *r, int64_t due);
 
-/*
- * Queues a report. The main thread is woken once per batch: only when no wake-up is pending. A
- * `lazy` report wakes nobody; it rides along with the next batch, or goes out on its own after
- * LAZY_REPORT_MS.
- */
-static void push_result(struct relay *r, struct result *res, bool lazy) {
+/* Queues a report; a turn's reports reach JS together when it ends. */
+static void push_result(struct relay *r, struct result *res) {
   res->next = NULL;
-  pthread_mutex_lock(&r->rmu);
   if (r->results_tail) r->results_tail->next = res; else r->results = res;
   r->results_tail = res;
-  bool wake = !lazy && !r->wake_pending;
-  if (wake) r->wake_pending = true;
-  pthread_mutex_unlock(&r->rmu);
-  if (wake) napi_call_threadsafe_function(r->tsfn, NULL, napi_tsfn_nonblocking);
-  else if (lazy && r->lazy_due < 0) {
-    r->lazy_due = now_ms() + LAZY_REPORT_MS;
-    note_deadline(r, r->lazy_due);
-  }
-}
-
-/* Sends lazy reports still queued once their time has come (relay thread). */
-static void flush_lazy(struct relay *r, int64_t now) {
-  if (r->lazy_due < 0 || now < r->lazy_due) return;
-  r->lazy_due = -1;
-  pthread_mutex_lock(&r->rmu);
-  bool wake = r->results != NULL && !r->wake_pending;
-  if (wake) r->wake_pending = true;
-  pthread_mutex_unlock(&r->rmu);
-  if (wake) napi_call_threadsafe_function(r->tsfn, NULL, napi_tsfn_nonblocking);
 }
 
 /* Queues a report for JS: the final one, or CONNECTED (not an end). A failed malloc drops it. */
@@ -353,9 +318,7 @@ static void report(struct relay *r, struct conn *c, int reason) {
   res->up_written = c->d2u.out;
   res->up_read = c->u2d.in;
   res->down_written = c->u2d.out;
-  /* A final report rides along too while other connections are live (their reports come soon,
-   * and LAZY_REPORT_MS bounds the wait); with none, it goes at once. */
-  push_result(r, res, reason == CONNECTED || r->all != NULL);
+  push_result(r, res);
 }
 
 /* Ends a connection: out of epoll, descriptors closed, one report to JS. Freed after the batch. */
@@ -589,7 +552,7 @@ static void deliver_hello(struct relay *r, struct conn *c, int status) {
   res->len = c->hello_len - c->hello_sent;
   res->status = status;
   c->hello_sent = c->hello_len;
-  push_result(r, res, false);
+  push_result(r, res);
 }
 
 /*
@@ -733,9 +696,7 @@ static void listener_remove(struct relay *r, struct listener *l) {
 /* Rested listeners whose time has come accept again; returns the next resume time (-1: none). */
 static int64_t resume_listeners(struct relay *r, int64_t now) {
   int64_t next = -1;
-  pthread_mutex_lock(&r->mu);
   struct listener *list = r->listeners;
-  pthread_mutex_unlock(&r->mu);
   for (struct listener *l = list; l; l = l->next) {
     if (!l->paused || l->closed) continue;
     if (l->resume_at <= now) {
@@ -750,14 +711,8 @@ static int64_t resume_listeners(struct relay *r, int64_t now) {
 }
 
 static void run_commands(struct relay *r) {
-  uint64_t v;
-  /* One read resets an eventfd's counter. */
-  ssize_t rd = read(r->wake, &v, sizeof v);
-  (void)rd;
-  pthread_mutex_lock(&r->mu);
   struct cmd *list = r->cmds;
   r->cmds = r->cmds_tail = NULL;
-  pthread_mutex_unlock(&r->mu);
   while (list) {
     struct cmd *next = list->next;
     switch (list->kind) {
@@ -811,85 +766,117 @@ static void scan_idle(struct relay *r, int64_t now) {
   }
   int64_t resume = resume_listeners(r, now);
   if (resume >= 0 && (next < 0 || resume < next)) next = resume;
-  flush_lazy(r, now);
-  if (r->lazy_due >= 0 && (next < 0 || r->lazy_due < next)) next = r->lazy_due;
   r->next_deadline = next;
 }
 
-static void *relay_main(void *arg) {
-  struct relay *r = arg;
+static void deliver_results(struct relay *r);
+static void schedule(struct relay *r);
+static void on_timer(uv_timer_t *t);
+
+/*
+ * One turn of the relay: the commands JS queued, what the epoll set has ready (at most
+ * MAX_EVENTS; the poll fires again for the rest), connections whose budget ran out, deadlines;
+ * then the turn's reports go to JS, and the next turn is scheduled.
+ */
+static void relay_turn(struct relay *r) {
+  if (r->in_turn) return;
+  r->in_turn = true;
+  run_commands(r);
   struct epoll_event evs[MAX_EVENTS];
-  for (;;) {
-    int timeout = -1;
-    if (r->ready) {
-      timeout = 0;
-    } else if (r->next_deadline >= 0) {
-      int64_t left = r->next_deadline - now_ms();
-      timeout = left < 0 ? 0 : left > MAX_WAIT_MS ? MAX_WAIT_MS : (int)left;
+  int n = epoll_wait(r->ep, evs, MAX_EVENTS, 0);
+  if (n < 0) n = 0;
+  for (int i = 0; i < n; i++) {
+    struct side *s = evs[i].data.ptr;
+    if (!s->conn) {
+      if (!s->lst->closed) accept_ready(r, s->lst);
+      continue;
     }
-    int n = epoll_wait(r->ep, evs, MAX_EVENTS, timeout);
-    if (n < 0 && errno != EINTR) n = 0;
-    for (int i = 0; i < n; i++) {
-      struct side *s = evs[i].data.ptr;
-      if (!s) {
-        run_commands(r);
-        continue;
-      }
-      if (!s->conn) {
-        if (!s->lst->closed) accept_ready(r, s->lst);
-        continue;
-      }
-      if (s->conn->closed) continue;
-      if (s->conn->hello_stage) {
-        hello_read(r, s->conn);
-        continue;
-      }
-      if (s->conn->connecting) {
-        connect_event(r, s, evs[i].events);
-        continue;
-      }
-      uint32_t e = evs[i].events;
-      struct conn *c = s->conn;
-      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->d2u : &c->u2d)->rd = true;
-      if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->u2d : &c->d2u)->wr = true;
-      if (e & EPOLLERR) check_error(r, s);
-      pump(r, c);
+    if (s->conn->closed) continue;
+    if (s->conn->hello_stage) {
+      hello_read(r, s->conn);
+      continue;
     }
-    /* Connections whose budget ran out: another turn each, after everyone else's events. */
-    struct conn *q = r->ready;
-    r->ready = NULL;
-    while (q) {
-      struct conn *next = q->qnext;
-      q->queued = false;
-      if (q->closed) {
-        q->qnext = r->dead;
-        r->dead = q;
-      } else {
-        pump(r, q);
-      }
-      q = next;
+    if (s->conn->connecting) {
+      connect_event(r, s, evs[i].events);
+      continue;
     }
-    if (r->next_deadline >= 0) {
-      int64_t now = now_ms();
-      if (now >= r->next_deadline) scan_idle(r, now);
-    }
-    while (r->dead) {
-      struct conn *d = r->dead;
-      r->dead = d->qnext;
-      free(d);
-    }
-    if (r->all == NULL) drain_pipe_pool(r);
-    pthread_mutex_lock(&r->mu);
-    bool quit = r->quit;
-    pthread_mutex_unlock(&r->mu);
-    if (quit) break;
+    uint32_t e = evs[i].events;
+    struct conn *c = s->conn;
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->d2u : &c->u2d)->rd = true;
+    if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->u2d : &c->d2u)->wr = true;
+    if (e & EPOLLERR) check_error(r, s);
+    pump(r, c);
   }
-  return NULL;
+  /* Connections whose budget ran out: another turn each, after everyone else's events. */
+  struct conn *q = r->ready;
+  r->ready = NULL;
+  while (q) {
+    struct conn *next = q->qnext;
+    q->queued = false;
+    if (q->closed) {
+      q->qnext = r->dead;
+      r->dead = q;
+    } else {
+      pump(r, q);
+    }
+    q = next;
+  }
+  if (r->next_deadline >= 0) {
+    int64_t now = now_ms();
+    if (now >= r->next_deadline) scan_idle(r, now);
+  }
+  while (r->dead) {
+    struct conn *d = r->dead;
+    r->dead = d->qnext;
+    free(d);
+  }
+  if (r->all == NULL) drain_pipe_pool(r);
+  r->in_turn = false;
+  deliver_results(r);
+  schedule(r);
 }
 
-/* ---- main thread ------------------------------------------------------------------------- */
+/*
+ * The next turn: at once after this loop iteration when work is queued, else at the next
+ * deadline. A timer already due no later is left as it is (most turns change nothing: an idle
+ * timeout an hour away), and one that fires early only costs a turn.
+ */
+static void schedule(struct relay *r) {
+  if (!r->started) return;
+  int64_t now = now_ms();
+  int64_t due = r->ready || r->cmds ? now : r->next_deadline;
+  if (due < 0) return; /* nothing due: a pending timer just finds nothing to do */
+  if (due > now + MAX_WAIT_MS) due = now + MAX_WAIT_MS;
+  if (r->timer_due >= 0 && r->timer_due <= due) return;
+  r->timer_due = due;
+  uv_timer_start(r->timer, on_timer, (uint64_t)(due > now ? due - now : 0), 0);
+}
 
-/* Accepted connections JS holds (hello reported, no decision yet): main thread only. */
+static void on_timer(uv_timer_t *t) {
+  struct relay *r = t->data;
+  r->timer_due = -1;
+  relay_turn(r);
+}
+
+static void on_poll(uv_poll_t *p, int status, int events) {
+  (void)status;
+  (void)events;
+  relay_turn(p->data);
+}
+
+/* ---- reports and the JS interface --------------------------------------------------------- */
+
+/* While connections are relayed or listeners accept, the relay keeps the process alive, as open
+ * sockets would; with none, it never holds the event loop. */
+static void relay_ref(struct relay *r) {
+  if (r->active++ == 0 && r->poll) uv_ref((uv_handle_t *)r->poll);
+}
+
+static void relay_unref(struct relay *r) {
+  if (r->active > 0 && --r->active == 0 && r->poll) uv_unref((uv_handle_t *)r->poll);
+}
+
+/* Accepted connections JS holds (hello reported, no decision yet). */
 static void awaiting_put(struct relay *r, struct conn *c) {
   c->hnext = r->awaiting[c->id % HASH_BUCKETS];
   r->awaiting[c->id % HASH_BUCKETS] = c;
@@ -953,7 +940,7 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
     napi_call_function(env, undef, on_hello, 9, argv, NULL);
     return;
   }
-  if (res->reason != CONNECTED && r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
+  if (res->reason != CONNECTED) relay_unref(r);
   napi_value argv[6];
   napi_create_uint32(env, res->id, &argv[0]);
   napi_create_double(env, (double)res->down_read, &argv[1]);
@@ -964,21 +951,25 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
   napi_call_function(env, undef, cb, 6, argv, NULL);
 }
 
-/* One call per batch: every queued report, in order, inside one callback scope. */
-static void call_js(napi_env env, napi_value cb, void *context, void *data) {
-  (void)data;
-  struct relay *r = context;
-  pthread_mutex_lock(&r->rmu);
+/* A turn's reports, in order, inside one callback scope (microtasks run once, at its end). */
+static void deliver_results(struct relay *r) {
   struct result *list = r->results;
+  if (!list) return;
   r->results = r->results_tail = NULL;
-  r->wake_pending = false;
-  pthread_mutex_unlock(&r->rmu);
-  napi_value undef = NULL;
-  bool live = env != NULL && cb != NULL;
-  if (live) napi_get_undefined(env, &undef);
+  napi_env env = r->env;
+  napi_handle_scope hs;
+  napi_value cb, resource, undef;
+  if (napi_open_handle_scope(env, &hs) != napi_ok) return;
+  napi_callback_scope cs = NULL;
+  bool live = r->on_done && napi_get_reference_value(env, r->on_done, &cb) == napi_ok &&
+    napi_get_reference_value(env, r->resource, &resource) == napi_ok &&
+    napi_open_callback_scope(env, resource, r->async, &cs) == napi_ok;
+  napi_get_undefined(env, &undef);
   while (list) {
     struct result *next = list->next;
     if (live) {
+      napi_handle_scope each;
+      napi_open_handle_scope(env, &each);
       call_one(env, r, cb, undef, list);
       /* A handler that threw: reported as an uncaught exception would be; the batch goes on. */
       bool pending = false;
@@ -987,25 +978,28 @@ static void call_js(napi_env env, napi_value cb, void *context, void *data) {
         napi_get_and_clear_last_exception(env, &e);
         napi_fatal_exception(env, e);
       }
+      napi_close_handle_scope(env, each);
     } else if (list->reason == HELLO) {
-      /* Teardown: nobody will decide on it. */
       free_conn_fds(r, list->conn);
       free(list->conn);
     }
     free(list);
     list = next;
   }
+  if (cs) napi_close_callback_scope(env, cs);
+  napi_close_handle_scope(env, hs);
 }
 
+/* Queues a command for the relay's next turn (right after this loop iteration). */
 static void push_cmd(struct relay *r, struct cmd *c) {
   c->next = NULL;
-  pthread_mutex_lock(&r->mu);
   if (r->cmds_tail) r->cmds_tail->next = c; else r->cmds = c;
   r->cmds_tail = c;
-  pthread_mutex_unlock(&r->mu);
-  uint64_t one = 1;
-  ssize_t w = write(r->wake, &one, sizeof one);
-  (void)w; /* EAGAIN only when the counter is saturated: the thread is awake anyway */
+  /* Inside a turn (a report handler), the turn's end schedules the next one. */
+  if (!r->in_turn) {
+    r->timer_due = now_ms();
+    uv_timer_start(r->timer, on_timer, 0, 0);
+  }
 }
 
 static napi_value throw_errno(napi_env env, const char *what) {
@@ -1015,30 +1009,38 @@ static napi_value throw_errno(napi_env env, const char *what) {
   return NULL;
 }
 
-static bool ensure_thread(napi_env env, struct relay *r) {
-  if (r->thread_started) return true;
+static void free_handle(uv_handle_t *h) {
+  free(h);
+}
+
+/* The epoll set and its two handles on Node's loop, made on first use. */
+static bool ensure_loop(napi_env env, struct relay *r) {
+  if (r->started) return true;
+  uv_loop_t *loop = NULL;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) {
+    napi_throw_error(env, NULL, "no event loop");
+    return false;
+  }
   r->ep = epoll_create1(EPOLL_CLOEXEC);
   if (r->ep < 0) return throw_errno(env, "epoll_create1"), false;
-  r->wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (r->wake < 0) {
+  r->poll = calloc(1, sizeof *r->poll);
+  r->timer = calloc(1, sizeof *r->timer);
+  if (!r->poll || !r->timer || uv_poll_init(loop, r->poll, r->ep) != 0) {
+    free(r->poll);
+    free(r->timer);
+    r->poll = NULL;
+    r->timer = NULL;
     close_fd(&r->ep);
-    return throw_errno(env, "eventfd"), false;
+    napi_throw_error(env, NULL, "cannot watch the relay's epoll set");
+    return false;
   }
-  struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
-  epoll_ctl(r->ep, EPOLL_CTL_ADD, r->wake, &ev);
-  /* Signals belong to Node's main thread; this thread never takes one. */
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  int rc = pthread_create(&r->thread, NULL, relay_main, r);
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
-  if (rc != 0) {
-    close_fd(&r->wake);
-    close_fd(&r->ep);
-    errno = rc;
-    return throw_errno(env, "pthread_create"), false;
-  }
-  r->thread_started = true;
+  uv_timer_init(loop, r->timer);
+  r->poll->data = r->timer->data = r;
+  uv_poll_start(r->poll, UV_READABLE, on_poll);
+  /* Only relayed connections and listeners keep the process alive (relay_ref). */
+  uv_unref((uv_handle_t *)r->poll);
+  uv_unref((uv_handle_t *)r->timer);
+  r->started = true;
   return true;
 }
 
@@ -1047,16 +1049,16 @@ static int get_int(napi_env env, napi_value v, int64_t *out) {
 }
 
 /*
- * A connection for the relay thread: the downstream dup, pipes, an id. upFd < 0: connect() dials
- * the upstream later, on the relay thread. NULL (with a JS exception pending) when setup failed:
+ * A connection for the relay: the downstream dup, pipes, an id. upFd < 0: connect() dials
+ * the upstream on the relay's next turn. NULL (with a JS exception pending) when setup failed:
  * nothing is left open.
  */
 static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_t up, int64_t idle) {
-  if (!r->tsfn) {
+  if (!r->on_done) {
     napi_throw_error(env, NULL, "relay not initialised");
     return NULL;
   }
-  if (!ensure_thread(env, r)) return NULL;
+  if (!ensure_loop(env, r)) return NULL;
   struct conn *c = calloc(1, sizeof *c);
   if (!c) {
     napi_throw_error(env, NULL, "out of memory");
@@ -1084,7 +1086,7 @@ static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_
   return c;
 }
 
-/* Hands a set-up connection to the relay thread; returns its id (or NULL, nothing started). */
+/* Hands a set-up connection to the relay; returns its id (or NULL, nothing started). */
 static napi_value submit(napi_env env, struct relay *r, struct conn *c) {
   struct cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) {
@@ -1096,11 +1098,9 @@ static napi_value submit(napi_env env, struct relay *r, struct conn *c) {
   cmd->kind = CMD_START;
   cmd->conn = c;
   c->submitted = true;
-  /* While connections are relayed, the pending report keeps the process alive, as an open
-   * socket would; with none, the relay never holds the event loop. */
-  if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
-  /* Once pushed, `c` belongs to the relay thread, which may finish and free it at once (a peer
-   * that already reset): nothing of it is read here after push_cmd. */
+  relay_ref(r);
+  /* Once pushed, `c` belongs to the relay, whose next turn may finish and free it (a peer that
+   * already reset): nothing of it is read here after push_cmd. */
   uint32_t cid = c->id;
   push_cmd(r, cmd);
   napi_value id;
@@ -1211,7 +1211,7 @@ static napi_value js_stop(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "stop(id)");
     return NULL;
   }
-  if (!r->thread_started) return NULL;
+  if (!r->started) return NULL;
   struct cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) {
     napi_throw_error(env, NULL, "out of memory");
@@ -1226,10 +1226,8 @@ static napi_value js_stop(napi_env env, napi_callback_info info) {
 /* ---- accepting listeners ------------------------------------------------------------------ */
 
 static struct listener *find_listener(struct relay *r, uint32_t id) {
-  pthread_mutex_lock(&r->mu);
   struct listener *l = r->listeners;
   while (l && l->id != id) l = l->next;
-  pthread_mutex_unlock(&r->mu);
   return l;
 }
 
@@ -1261,7 +1259,7 @@ static bool listener_limits(napi_env env, napi_value *argv, uint32_t out[3]) {
 }
 
 /* listen(fd, helloCapBytes, helloTimeoutMs, maxConnections, wildcard) -> listenerId.
- * The relay thread accepts on a dup of fd; the caller closes its own listening handle. */
+ * The relay accepts on a dup of fd; the caller closes its own listening handle. */
 static napi_value js_listen(napi_env env, napi_callback_info info) {
   struct relay *r;
   size_t argc = 5;
@@ -1276,11 +1274,11 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
-  if (!r->tsfn || !r->on_hello) {
+  if (!r->on_done || !r->on_hello) {
     napi_throw_error(env, NULL, "relay not initialised for accepting");
     return NULL;
   }
-  if (!ensure_thread(env, r)) return NULL;
+  if (!ensure_loop(env, r)) return NULL;
   struct listener *l = calloc(1, sizeof *l);
   if (!l) {
     napi_throw_error(env, NULL, "out of memory");
@@ -1298,14 +1296,12 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
   atomic_store(&l->hello_timeout_ms, lim[1]);
   atomic_store(&l->max_conns, lim[2]);
   l->side = (struct side){ NULL, l, 2 };
-  pthread_mutex_lock(&r->mu);
   l->id = ++r->next_lid;
   l->next = r->listeners;
   r->listeners = l;
-  pthread_mutex_unlock(&r->mu);
   if (!push_listener_cmd(env, r, CMD_LISTEN, l)) return NULL;
   /* An accepting listener keeps the process alive, as Node's own listening handle did. */
-  if (r->active++ == 0) napi_ref_threadsafe_function(env, r->tsfn);
+  relay_ref(r);
   napi_value id;
   napi_create_uint32(env, l->id, &id);
   return id;
@@ -1369,7 +1365,7 @@ static napi_value js_unlisten(napi_env env, napi_callback_info info) {
     return NULL;
   }
   int fd = -1;
-  /* The relay thread closes its dup only on the command below, so the dup here is safe. */
+  /* The relay closes its dup only on the command below, so the dup here is safe. */
   if (want && l->fd >= 0) fd = fcntl(l->fd, F_DUPFD_CLOEXEC, 0);
   if (want && fd < 0) return throw_errno(env, "unlisten: dup");
   struct cmd *cmd = calloc(1, sizeof *cmd);
@@ -1381,7 +1377,7 @@ static napi_value js_unlisten(napi_env env, napi_callback_info info) {
   cmd->kind = CMD_UNLISTEN;
   cmd->lst = l;
   push_cmd(r, cmd);
-  if (r->active > 0 && --r->active == 0) napi_unref_threadsafe_function(env, r->tsfn);
+  relay_unref(r);
   napi_value out;
   napi_create_int32(env, fd, &out);
   return out;
@@ -1563,17 +1559,20 @@ static napi_value js_init(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "init(onDone, onHello?, helloBuffer?)");
     return NULL;
   }
-  if (r->tsfn) {
+  if (r->on_done) {
     napi_throw_error(env, NULL, "relay already initialised");
     return NULL;
   }
-  napi_value name;
+  /* The reports run as callbacks of one async resource (async hooks see them as such). */
+  napi_value name, resource;
   napi_create_string_utf8(env, "tlsgate-relay", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_threadsafe_function(env, argv[0], NULL, name, 0, 1, NULL, NULL, r, call_js, &r->tsfn) != napi_ok) {
+  napi_create_object(env, &resource);
+  if (napi_async_init(env, resource, name, &r->async) != napi_ok ||
+      napi_create_reference(env, resource, 1, &r->resource) != napi_ok ||
+      napi_create_reference(env, argv[0], 1, &r->on_done) != napi_ok) {
     napi_throw_error(env, NULL, "cannot create the relay callback");
     return NULL;
   }
-  napi_unref_threadsafe_function(env, r->tsfn);
   if (t2 == napi_function) napi_create_reference(env, argv[1], 1, &r->on_hello);
   bool is_buf = false;
   if (argc >= 3 && napi_is_buffer(env, argv[2], &is_buf) == napi_ok && is_buf) {
@@ -1584,25 +1583,18 @@ static napi_value js_init(napi_env env, napi_callback_info info) {
       r->scratch_len = len;
     }
   }
-  /* Cleanup hooks run last-added first: re-adding ours after the thread-safe function was
-   * created makes it run before that function's own teardown, so the relay thread is joined
-   * while the function it reports through still exists. */
-  napi_remove_env_cleanup_hook(env, cleanup, r);
-  napi_add_env_cleanup_hook(env, cleanup, r);
   return NULL;
 }
 
-/* Environment teardown: stop the thread, then drop whatever it still held. */
+/* Environment teardown: the handles stop (and are freed once closed), then whatever the relay
+ * still held is dropped. */
 static void cleanup(void *arg) {
   struct relay *r = arg;
-  if (r->thread_started) {
-    pthread_mutex_lock(&r->mu);
-    r->quit = true;
-    pthread_mutex_unlock(&r->mu);
-    uint64_t one = 1;
-    ssize_t w = write(r->wake, &one, sizeof one);
-    (void)w;
-    pthread_join(r->thread, NULL);
+  if (r->started) {
+    uv_poll_stop(r->poll);
+    uv_timer_stop(r->timer);
+    uv_close((uv_handle_t *)r->poll, free_handle);
+    uv_close((uv_handle_t *)r->timer, free_handle);
     /* Closed connections still on the ready queue are on no other list; live ones are on r->all. */
     while (r->ready) {
       struct conn *q = r->ready;
@@ -1641,7 +1633,6 @@ static void cleanup(void *arg) {
         free(c);
       }
     }
-    close_fd(&r->wake);
     close_fd(&r->ep);
   }
   while (r->listeners) {
@@ -1654,22 +1645,16 @@ static void cleanup(void *arg) {
     close(r->pipes[i][0]);
     close(r->pipes[i][1]);
   }
-  pthread_mutex_destroy(&r->mu);
-  pthread_mutex_destroy(&r->rmu);
-  pthread_mutex_destroy(&r->pmu);
   free(r);
 }
 
 static napi_value init_module(napi_env env, napi_value exports) {
   struct relay *r = calloc(1, sizeof *r);
   if (!r) return exports;
-  r->ep = r->wake = -1;
+  r->ep = -1;
   r->next_deadline = -1;
-  r->lazy_due = -1;
+  r->timer_due = -1;
   r->env = env;
-  pthread_mutex_init(&r->mu, NULL);
-  pthread_mutex_init(&r->rmu, NULL);
-  pthread_mutex_init(&r->pmu, NULL);
   napi_property_descriptor props[] = {
     { "init", NULL, js_init, NULL, NULL, NULL, napi_enumerable, r },
     { "start", NULL, js_start, NULL, NULL, NULL, napi_enumerable, r },

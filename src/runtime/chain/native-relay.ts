@@ -1,6 +1,6 @@
 /**
  * The optional native TCP relay (native/relay.c, built by node-gyp at install into
- * build/Release/relay.node): splice(2) between two raw TCP sockets on one relay thread, so
+ * build/Release/relay.node): splice(2) between two raw TCP sockets from one epoll set on Node's event loop, so
  * passthrough and plain TCP bytes never cross into JS. When the addon is missing (not built, not
  * Linux) or the relay mode is `js`, tcp-proxy.ts uses its JS pipe relay.
  *
@@ -10,7 +10,7 @@
  * socket for the upstream at all, which is most of what a short relayed connection costs.
  * TLSGATE_NATIVE_CONNECT=0 keeps dialling in JS (the upstream socket is then handed over as before).
  *
- * Native accept (listenNative): for a TLS-inspecting listener the relay thread accepts and reads
+ * Native accept (listenNative): for a TLS-inspecting listener the relay accepts and reads
  * the ClientHello itself; JS gets the bytes (AcceptedHello), routes them, and either has the addon
  * dial and relay (connectAccepted), asks for more bytes (moreAccepted), or takes the descriptor
  * into a Node socket (adoptAccepted) for everything else. TLSGATE_NATIVE_ACCEPT=0 (or native
@@ -41,7 +41,7 @@ export type HelloStatus = 'data' | 'closed' | 'timeout' | 'reset';
 const HELLO_STATUS: readonly HelloStatus[] = ['data', 'closed', 'timeout', 'reset'];
 
 /**
- * Bytes the relay thread read from a connection it accepted (only those new since its previous
+ * Bytes the relay read from a connection it accepted (only those new since its previous
  * report), and the connection, which awaits a decision: exactly one of moreAccepted,
  * connectAccepted, adoptAccepted or closeAccepted, made synchronously in the handler.
  */
@@ -206,7 +206,7 @@ export function nativeRelayActive(): number {
 }
 
 /**
- * Hands two connected sockets' descriptors to the relay thread. The caller must have stopped
+ * Hands two connected sockets' descriptors to the relay. The caller must have stopped
  * reading and writing them; it keeps them open until `onDone`, which runs exactly once (also
  * after `stopNativeRelay`). Throws when setup fails (out of descriptors): nothing was started.
  */
@@ -227,7 +227,7 @@ export function nativeConnectInUse(): boolean {
 }
 
 /**
- * Like startNativeRelay, but the relay thread dials `ip`:`port` itself (non-blocking connect,
+ * Like startNativeRelay, but the relay dials `ip`:`port` itself (non-blocking connect,
  * bounded by `connectTimeoutMs`), writes `head` (bytes already read from the downstream, PROXY
  * header first) and then relays. `onConnected` runs once if the connect succeeds, before `onDone`;
  * a failed or timed-out connect ends with reason upstream_connect_failed / upstream_connect_timeout.
@@ -259,7 +259,7 @@ export function nativeAcceptInUse(): boolean {
 }
 
 /**
- * The relay thread accepts on (a dup of) the listening socket `fd` from now on and reports each
+ * The relay accepts on (a dup of) the listening socket `fd` from now on and reports each
  * connection's first bytes to `onHello`; the caller closes its own listening handle. The
  * listener keeps the process alive until unlistenNative. Throws when the addon cannot.
  */

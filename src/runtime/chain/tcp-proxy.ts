@@ -12,7 +12,7 @@
  * Native relay: when both sides are raw TCP sockets (passthrough, plain TCP, CONNECT tunnels
  * without upstream TLS) and the splice addon is in use (native-relay.ts), JS stops reading both
  * sockets, forwards what it already holds (replay, PROXY header, bytes buffered in the streams),
- * waits until those writes reached the kernel, and hands both descriptors to the relay thread.
+ * waits until those writes reached the kernel, and hands both descriptors to the relay.
  * The JS sockets stay open, untouched, until the addon reports the connection done; destroying
  * one meanwhile (closeAll, drain) stops the native relay. Access-log bytes add the addon's
  * counts to what JS moved itself.

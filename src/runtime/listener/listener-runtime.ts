@@ -263,7 +263,7 @@ export class ListenerRuntime {
   #lid: number | undefined;
 
   /**
-   * From now on the relay thread accepts on this listener's socket; Node's handle is closed. In a
+   * From now on the relay accepts on this listener's socket; Node's handle is closed. In a
    * cluster worker, the handle's own close is called, not cluster's wrapper: the primary keeps
    * the shared socket for workers that start later.
    */
