@@ -32,12 +32,12 @@
  * Commands from JS are queued and run on the relay's next turn (never inside the JS call that
  * made them), and the reports of one turn reach JS together, in one callback scope.
  */
-#include <stdatomic.h>
 #define _GNU_SOURCE
 #include <node_api.h>
 #include <uv.h>
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdint.h>
