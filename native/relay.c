@@ -141,7 +141,7 @@ struct conn {
   bool hello_stage;
   uint8_t *hello;
   size_t hello_len, hello_alloc, hello_sent, hello_limit;
-  int64_t hello_due;
+  int64_t hello_due, accept_ms;
   struct sockaddr_storage peer, local;
   struct conn *hnext;       /* hash chain */
   struct conn *prev, *next; /* all live connections */
@@ -638,7 +638,7 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
   c->hello_stage = true;
   c->hello_limit = atomic_load(&l->hello_cap);
   if (c->hello_limit == 0) c->hello_limit = 1;
-  c->last_ms = now_ms();
+  c->last_ms = c->accept_ms = now_ms();
   c->hello_due = c->last_ms + atomic_load(&l->hello_timeout_ms);
   link_conn(r, c);
   struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
@@ -916,9 +916,9 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
     awaiting_put(r, c);
     napi_value on_hello;
     if (!r->on_hello || napi_get_reference_value(env, r->on_hello, &on_hello) != napi_ok) return;
-    /* onHello(listenerId, id, fd, bytes, status, remoteAddress, remotePort, localAddress, localPort);
-     * the addresses only with a connection's first report. */
-    napi_value argv[9];
+    /* onHello(listenerId, id, fd, bytes, status, remoteAddress, remotePort, localAddress, localPort,
+     * msSinceAccept); the addresses and the age only with a connection's first report. */
+    napi_value argv[10];
     napi_create_uint32(env, c->lst ? c->lst->id : 0, &argv[0]);
     napi_create_uint32(env, c->id, &argv[1]);
     napi_create_int32(env, c->fd[0], &argv[2]);
@@ -934,10 +934,12 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
     if (res->from == 0) {
       address_values(env, &c->peer, &argv[5], &argv[6]);
       address_values(env, &c->local, &argv[7], &argv[8]);
+      int64_t age = now_ms() - c->accept_ms;
+      napi_create_double(env, (double)(age > 0 ? age : 0), &argv[9]);
     } else {
-      argv[5] = argv[6] = argv[7] = argv[8] = undef;
+      argv[5] = argv[6] = argv[7] = argv[8] = argv[9] = undef;
     }
-    napi_call_function(env, undef, on_hello, 9, argv, NULL);
+    napi_call_function(env, undef, on_hello, 10, argv, NULL);
     return;
   }
   if (res->reason != CONNECTED) relay_unref(r);

@@ -731,6 +731,8 @@ spec:
             const e = await entryFor(lg, down, 'connection');
             reasons[`helloTimeout ${what}`] = e.reason;
             assert.equal(e.reason, 'client_hello_timeout');
+            // The entry covers the connection from its accept, not from the moment it was given up on.
+            assert.ok(typeof e.durationMs === 'number' && e.durationMs >= 500, `${what}: logged durationMs ${String(e.durationMs)}`);
           }
         });
 

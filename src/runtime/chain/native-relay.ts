@@ -56,6 +56,8 @@ export interface AcceptedHello {
   /** Only when the listener is bound to a wildcard address ('' otherwise). */
   localAddress?: string;
   localPort?: number;
+  /** Only with the first report: how long ago the addon accepted the connection. */
+  ageMs?: number;
 }
 
 export interface NativeListenerLimits {
@@ -67,7 +69,8 @@ export interface NativeListenerLimits {
 
 interface Addon {
   init(onDone: (id: number, downRead: number, upWritten: number, upRead: number, downWritten: number, reason: string) => void,
-    onHello?: (lid: number, id: number, fd: number, bytes: Buffer | number, status: number, ra?: string, rp?: number, la?: string, lp?: number) => void,
+    onHello?: (lid: number, id: number, fd: number, bytes: Buffer | number, status: number, ra?: string, rp?: number, la?: string, lp?: number,
+      ageMs?: number) => void,
     helloBuffer?: Buffer): void;
   listen(fd: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number, wildcard: boolean): number;
   configureListener(lid: number, helloCapBytes: number, helloTimeoutMs: number, maxConnections: number): void;
@@ -151,12 +154,12 @@ function load(): Addon | undefined {
       } catch {
         // The connection is already closed; nothing a report handler does may take the process down.
       }
-    }, (lid, id, fd, bytes, status, ra, rp, la, lp) => {
+    }, (lid, id, fd, bytes, status, ra, rp, la, lp, ageMs) => {
       const on = acceptors.get(lid);
       try {
         if (on === undefined) throw new Error('listener gone');
         on({ id, bytes: typeof bytes === 'number' ? helloBuffer.subarray(0, bytes) : bytes, status: HELLO_STATUS[status] ?? 'reset',
-          remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp });
+          remoteAddress: ra, remotePort: rp, localAddress: la, localPort: lp, ageMs });
       } catch {
         // A handler that threw, or a listener that is gone: no decision was made.
       }

@@ -335,6 +335,8 @@ export class ListenerRuntime {
       const state = this.#state;
       const { config } = state;
       const info = this.#newInfo(config, h.remoteAddress, h.remotePort, h.localAddress, h.localPort);
+      // The connection began at the accept (a silent client's first report is its timeout).
+      if (h.ageMs !== undefined && h.ageMs > 0) info.startMs -= Math.round(h.ageMs);
       state.runtime.telemetry.count('downstream_connections_total', labelsOf(config).listener);
       if (!acceptsNatively(config)) {
         // Accepted just before a swap to a config the addon cannot serve: the socket path, from the start.
