@@ -37,7 +37,6 @@
 #include <uv.h>
 
 #include <errno.h>
-#include <stdatomic.h>
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -98,7 +97,7 @@ struct listener {
   uint32_t id;
   int fd;
   bool wildcard; /* bound to 0.0.0.0 / ::, so each connection's local address is looked up */
-  _Atomic uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
+  uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
   bool closed, paused;
   int64_t resume_at;
   struct side side;
@@ -181,7 +180,7 @@ struct relay {
   napi_ref on_done, resource;
   napi_async_context async;
   struct cmd *cmds, *cmds_tail;
-  _Atomic uint32_t next_id;
+  uint32_t next_id;
   uint32_t active; /* started and not yet reported, plus one per accepting listener */
   /* Reports of the current turn, delivered at its end. */
   struct result *results, *results_tail;
@@ -220,7 +219,7 @@ static void close_fd(int *fd) {
 
 static uint32_t new_id(struct relay *r) {
   uint32_t id;
-  do id = atomic_fetch_add(&r->next_id, 1) + 1; while (id == 0);
+  do id = ++r->next_id; while (id == 0);
   return id;
 }
 
@@ -260,14 +259,11 @@ static void drop_pipe(struct relay *r, struct dir *d) {
 
 /* Closes the pooled pipes: with no connection left, an idle relay holds no descriptors. */
 static void drain_pipe_pool(struct relay *r) {
-  int n = r->npipes;
-  r->npipes = 0;
-  int fds[PIPE_POOL_MAX][2];
-  memcpy(fds, r->pipes, sizeof(int[2]) * (size_t)n);
-  for (int i = 0; i < n; i++) {
-    close(fds[i][0]);
-    close(fds[i][1]);
+  for (int i = 0; i < r->npipes; i++) {
+    close(r->pipes[i][0]);
+    close(r->pipes[i][1]);
   }
+  r->npipes = 0;
 }
 
 /* Releases what a connection holds besides its struct: descriptors, the unsent head, the hello. */
@@ -281,7 +277,7 @@ static void free_conn_fds(struct relay *r, struct conn *c) {
   close_fd(&c->fd[1]);
   drop_pipe(r, &c->d2u);
   drop_pipe(r, &c->u2d);
-  if (c->lst) atomic_fetch_sub(&c->lst->open, 1);
+  if (c->lst) c->lst->open--;
   c->lst = NULL;
 }
 
@@ -618,7 +614,7 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
     close(fd);
     return;
   }
-  atomic_fetch_add(&l->open, 1);
+  l->open++;
   c->fd[0] = fd;
   c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
   c->d2u.src = fd;
@@ -636,10 +632,10 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   c->hello_stage = true;
-  c->hello_limit = atomic_load(&l->hello_cap);
+  c->hello_limit = l->hello_cap;
   if (c->hello_limit == 0) c->hello_limit = 1;
   c->last_ms = c->accept_ms = now_ms();
-  c->hello_due = c->last_ms + atomic_load(&l->hello_timeout_ms);
+  c->hello_due = c->last_ms + l->hello_timeout_ms;
   link_conn(r, c);
   struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
   if (epoll_ctl(r->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -669,9 +665,9 @@ static void accept_ready(struct relay *r, struct listener *l) {
       }
       return;
     }
-    if (atomic_load(&l->open) >= atomic_load(&l->max_conns)) {
+    if (l->open >= l->max_conns) {
       close(fd);
-      atomic_fetch_add(&l->refused, 1);
+      l->refused++;
       continue;
     }
     accept_one(r, l, fd, &peer);
@@ -1253,6 +1249,13 @@ static struct listener *listener_arg(napi_env env, struct relay *r, napi_value v
   return l;
 }
 
+/* helloCapBytes, helloTimeoutMs, maxConnections: for connections accepted from now on. */
+static void set_limits(struct listener *l, const uint32_t lim[3]) {
+  l->hello_cap = lim[0];
+  l->hello_timeout_ms = lim[1];
+  l->max_conns = lim[2];
+}
+
 static bool listener_limits(napi_env env, napi_value *argv, uint32_t out[3]) {
   for (int i = 0; i < 3; i++) {
     if (napi_get_value_uint32(env, argv[i], &out[i]) != napi_ok) return false;
@@ -1294,9 +1297,7 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
   int fl = fcntl(l->fd, F_GETFL);
   if (fl >= 0) fcntl(l->fd, F_SETFL, fl | O_NONBLOCK);
   l->wildcard = wildcard;
-  atomic_store(&l->hello_cap, lim[0]);
-  atomic_store(&l->hello_timeout_ms, lim[1]);
-  atomic_store(&l->max_conns, lim[2]);
+  set_limits(l, lim);
   l->side = (struct side){ NULL, l, 2 };
   l->id = ++r->next_lid;
   l->next = r->listeners;
@@ -1328,9 +1329,7 @@ static napi_value js_configure_listener(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
-  atomic_store(&l->hello_cap, lim[0]);
-  atomic_store(&l->hello_timeout_ms, lim[1]);
-  atomic_store(&l->max_conns, lim[2]);
+  set_limits(l, lim);
   return NULL;
 }
 
@@ -1344,8 +1343,9 @@ static napi_value js_listener_stats(napi_env env, napi_callback_info info) {
   if (!l) return NULL;
   napi_value out, open, refused;
   napi_create_array_with_length(env, 2, &out);
-  napi_create_uint32(env, atomic_load(&l->open), &open);
-  napi_create_uint32(env, atomic_exchange(&l->refused, 0), &refused);
+  napi_create_uint32(env, l->open, &open);
+  napi_create_uint32(env, l->refused, &refused);
+  l->refused = 0;
   napi_set_element(env, out, 0, open);
   napi_set_element(env, out, 1, refused);
   return out;
@@ -1406,8 +1406,7 @@ static napi_value js_release(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
   struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "release(listenerId)");
   if (!l) return NULL;
-  uint32_t cur = atomic_load(&l->open);
-  while (cur > 0 && !atomic_compare_exchange_weak(&l->open, &cur, cur - 1)) {}
+  if (l->open > 0) l->open--;
   return NULL;
 }
 
@@ -1643,10 +1642,7 @@ static void cleanup(void *arg) {
     close_fd(&l->fd);
     free(l);
   }
-  for (int i = 0; i < r->npipes; i++) {
-    close(r->pipes[i][0]);
-    close(r->pipes[i][1]);
-  }
+  drain_pipe_pool(r);
   free(r);
 }
 

@@ -232,28 +232,42 @@ export function proxyTcpAccepted(id: number, helloBytes: number, proxy: TcpProxy
   };
   telemetry.gauge('downstream_connections_active', 1, labels);
   const pp = cluster.proxyProtocol;
+  dialByAddon(telemetry, target.cluster, res, (connectTimeoutMs, onConnected, onDone) => {
+    // A throw here has closed the connection (out of descriptors for pipes, say).
+    connectAccepted(id, res.address, res.port, {
+      connectTimeoutMs, idleTimeoutMs: cluster.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs,
+      prefix: pp ? proxyHeaderFor(pp, info) : undefined,
+    }, onConnected, onDone);
+  }, () => { endpoint = res.endpoint; }, (r, why) => end(r, why ?? 'ok'));
+  return true;
+}
+
+/**
+ * A dial by the addon toward a reserved endpoint (`start` calls connectNativeRelay or
+ * connectAccepted), with what both native dials account for: the connect time once connected,
+ * connect errors, and a dial that could not start ending as upstream_connect_failed. `done` runs
+ * once, with the addon's report (none when the dial could not start) and the reason to log
+ * (undefined for a normal end).
+ */
+function dialByAddon(telemetry: Telemetry, cluster: string, res: TcpReservation,
+  start: (connectTimeoutMs: number, onConnected: () => void, onDone: (r: NativeRelayResult) => void) => void,
+  connected: () => void, done: (r: NativeRelayResult | undefined, why: Reason | undefined) => void): void {
   const dialled = Date.now();
   try {
-    connectAccepted(id, res.address, res.port, {
-      connectTimeoutMs: res.timeoutMs > 0 ? res.timeoutMs : 10_000,
-      idleTimeoutMs: cluster.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs,
-      prefix: pp ? proxyHeaderFor(pp, info) : undefined,
-    }, () => {
-      endpoint = res.endpoint;
-      telemetry.observe('upstream_connect_seconds', (Date.now() - dialled) / 1000, { cluster: target.cluster });
+    start(res.timeoutMs > 0 ? res.timeoutMs : 10_000, () => {
+      connected();
+      telemetry.observe('upstream_connect_seconds', (Date.now() - dialled) / 1000, { cluster });
     }, (r) => {
       if (r.reason === 'upstream_connect_failed' || r.reason === 'upstream_connect_timeout') {
-        telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
+        telemetry.count('upstream_connect_errors_total', { cluster });
       }
-      end(r, r.reason === 'stopped' ? 'ok' : r.reason);
+      done(r, r.reason === 'ok' || r.reason === 'stopped' ? undefined : r.reason);
     });
   } catch (e) {
-    // Out of descriptors for pipes, say (the addon closed the connection): a dial that could not start.
     telemetry.log('warn', 'native relay could not dial the upstream', { error: (e as Error).message });
-    telemetry.count('upstream_connect_errors_total', { cluster: target.cluster });
-    end(undefined, 'upstream_connect_failed');
+    telemetry.count('upstream_connect_errors_total', { cluster });
+    done(undefined, 'upstream_connect_failed');
   }
-  return true;
 }
 
 /**
@@ -391,28 +405,17 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     // EOF already taken from the kernel (pushed into the stream; its 'end' comes later).
     const downEof = down.readableEnded || (down as unknown as { _readableState?: { ended?: boolean } })._readableState?.ended === true;
     down.setTimeout(0);
-    const dialled = Date.now();
-    try {
+    dialByAddon(telemetry, target!.cluster, res, (connectTimeoutMs, onConnected, onDone) => {
       nativeId = connectNativeRelay(dh.fd!, res.address, res.port, {
-        connectTimeoutMs: res.timeoutMs > 0 ? res.timeoutMs : 10_000, idleTimeoutMs: idleMs, downEof,
+        connectTimeoutMs, idleTimeoutMs: idleMs, downEof,
         head: head.length === 0 ? undefined : head.length === 1 ? head[0] : Buffer.concat(head),
-      }, () => {
-        endpoint = res.endpoint;
-        telemetry.observe('upstream_connect_seconds', (Date.now() - dialled) / 1000, { cluster: target!.cluster });
-      }, (r) => {
-        nativeId = undefined;
-        native = r;
-        if (r.reason === 'upstream_connect_failed' || r.reason === 'upstream_connect_timeout') {
-          telemetry.count('upstream_connect_errors_total', { cluster: target!.cluster });
-        }
-        finish(r.reason === 'ok' || r.reason === 'stopped' ? undefined : r.reason);
-      });
-    } catch (e) {
-      // Out of descriptors, say: this connection fails as a dial that could not open a socket would.
-      telemetry.log('warn', 'native relay could not dial the upstream', { error: (e as Error).message });
-      telemetry.count('upstream_connect_errors_total', { cluster: target!.cluster });
-      finish('upstream_connect_failed');
-    }
+      }, onConnected, onDone);
+    }, () => { endpoint = res.endpoint; }, (r, why) => {
+      // Out of descriptors, say (no report): this connection fails as a dial that could not open a socket would.
+      nativeId = undefined;
+      native = r;
+      finish(why);
+    });
   };
 
   if (!target) {

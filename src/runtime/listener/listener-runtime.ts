@@ -384,16 +384,12 @@ export class ListenerRuntime {
         if (hello.ech) info.ech = true;
         info.chain = chain.name;
         const env = { clusters: runtime.clusters, telemetry: runtime.telemetry };
-        if (proxyTcpAccepted(h.id, view.length, chain.filter, target, info, env)) {
-          runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
-          runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
-          return;
-        }
+        runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
+        runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
+        if (proxyTcpAccepted(h.id, view.length, chain.filter, target, info, env)) return;
         // The socket path for this one, with the same pick (a weighted split stays as configured).
         const socket = this.#adopt(lid, h.id, info, view.length);
         if (socket === undefined) return;
-        runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
-        runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
         proxyTcp(socket, Buffer.from(view), chain.filter, info, env, target);
         return;
       }

@@ -16,7 +16,7 @@
  */
 import type { Readable } from 'node:stream';
 import type * as net from 'node:net';
-import { PendingRequest, QueuedPool, poolError, type Connector, type PoolRequest } from './pool.js';
+import { PendingRequest, QueuedPool, followBody, poolError, type Connector, type PoolRequest } from './pool.js';
 
 
 export interface H1PoolOptions {
@@ -195,7 +195,15 @@ class Conn {
       } else ok = s.write(c);
       if (!ok) body.pause();
     };
-    const onEnd = (): void => {
+    let detach: (() => void) | undefined;
+    const cleanup = (): void => {
+      detach?.();
+      this.#body = undefined;
+      this.#bodyListeners = undefined;
+    };
+    this.#body = body;
+    this.#bodyListeners = cleanup;
+    detach = followBody(body, onData, () => {
       cleanup();
       if (!chunked && sent !== declared) {
         this.#fail(poolError('UND_ERR_REQ_CONTENT_LENGTH_MISMATCH', 'request body shorter than content-length'));
@@ -203,31 +211,10 @@ class Conn {
       }
       if (chunked) s.write(LAST_CHUNK);
       this.#requestSent = true;
-    };
-    const onGone = (err?: Error): void => {
+    }, (err) => {
       cleanup();
-      // The client went away (or its body failed) before the whole body was read.
-      if (this.current !== undefined) this.#fail(err instanceof Error ? err : poolError('UND_ERR_ABORTED', 'request body ended early'));
-    };
-    const onClose = (): void => {
-      if (!body.readableEnded) onGone();
-    };
-    const cleanup = (): void => {
-      body.off('data', onData);
-      body.off('end', onEnd);
-      body.off('error', onGone);
-      body.off('close', onClose);
-      this.#body = undefined;
-      this.#bodyListeners = undefined;
-    };
-    this.#body = body;
-    this.#bodyListeners = cleanup;
-    body.on('data', onData);
-    body.once('end', onEnd);
-    body.once('error', onGone);
-    body.once('close', onClose);
-    if (body.readableEnded) onEnd();
-    else body.resume();
+      if (this.current !== undefined) this.#fail(err);
+    });
   }
 
   // ---- response

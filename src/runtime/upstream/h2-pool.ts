@@ -17,7 +17,7 @@
 import * as http2 from 'node:http2';
 import type * as net from 'node:net';
 import type { Readable } from 'node:stream';
-import { PendingRequest, QueuedPool, poolError, type Connector, type PoolRawHeaders, type PoolRequest } from './pool.js';
+import { PendingRequest, QueuedPool, followBody, poolError, type Connector, type PoolRawHeaders, type PoolRequest } from './pool.js';
 
 export interface H2PoolOptions {
   connect: Connector;
@@ -226,38 +226,24 @@ class Exchange2 {
   }
 
   #streamBody(body: Readable, stream: http2.ClientHttp2Stream): void {
-    const onData = (c: Buffer): void => {
-      if (!stream.write(c)) body.pause();
-    };
     const onDrain = (): void => { body.resume(); };
-    const onEnd = (): void => {
-      cleanup();
-      stream.end();
-    };
-    const onGone = (err?: Error): void => {
-      cleanup();
-      // The client went away (or its body failed) before the whole body was read.
-      this.fail(err instanceof Error ? err : poolError('UND_ERR_ABORTED', 'request body ended early'), true);
-    };
-    const onClose = (): void => {
-      if (!body.readableEnded) onGone();
-    };
+    let detach: (() => void) | undefined;
     const cleanup = (): void => {
-      body.off('data', onData);
-      body.off('end', onEnd);
-      body.off('error', onGone);
-      body.off('close', onClose);
+      detach?.();
       stream.off('drain', onDrain);
       this.#bodyCleanup = undefined;
     };
     this.#bodyCleanup = cleanup;
-    body.on('data', onData);
-    body.once('end', onEnd);
-    body.once('error', onGone);
-    body.once('close', onClose);
     stream.on('drain', onDrain);
-    if (body.readableEnded) onEnd();
-    else body.resume();
+    detach = followBody(body, (c) => {
+      if (!stream.write(c)) body.pause();
+    }, () => {
+      cleanup();
+      stream.end();
+    }, (err) => {
+      cleanup();
+      this.fail(err, true);
+    });
   }
 
   #onResponse(h: http2.IncomingHttpHeaders & http2.IncomingHttpStatusHeader): void {

@@ -41,6 +41,39 @@ export function poolError(code: string, message: string): Error & { code: string
   return Object.assign(new Error(message), { code });
 }
 
+/**
+ * Feeds a request body to `onData` until it ends (`onEnd`) or goes away first (`onGone`: its
+ * error, or a close before its end); the listeners are off before either runs. Returns the
+ * function that takes them off (for a request that fails meanwhile). Both pools send bodies so.
+ */
+export function followBody(body: Readable, onData: (chunk: Buffer) => void, onEnd: () => void, onGone: (err: Error) => void): () => void {
+  const end = (): void => {
+    detach();
+    onEnd();
+  };
+  // The client went away (or its body failed) before the whole body was read.
+  const gone = (err?: Error): void => {
+    detach();
+    onGone(err instanceof Error ? err : poolError('UND_ERR_ABORTED', 'request body ended early'));
+  };
+  const close = (): void => {
+    if (!body.readableEnded) gone();
+  };
+  const detach = (): void => {
+    body.off('data', onData);
+    body.off('end', end);
+    body.off('error', gone);
+    body.off('close', close);
+  };
+  body.on('data', onData);
+  body.once('end', end);
+  body.once('error', gone);
+  body.once('close', close);
+  if (body.readableEnded) end();
+  else body.resume();
+  return detach;
+}
+
 /** A request waiting for, or being served on, a connection. */
 export class PendingRequest {
   /** Already sent again once (a stale connection, a refused stream): never a second time. */
