@@ -22,6 +22,7 @@ import { certDir } from '../helpers/certs.js';
 import { curl } from '../helpers/exec.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { runCli, startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { localServiceEntry } from '../helpers/recording-telemetry.js';
 
 const MAX_FIELDS = 50;
 const PREFACE = 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n';
@@ -133,16 +134,7 @@ spec:
   http:
   - route: [{destination: {host: backend.upstream.local}}]
 ---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: backend}
-spec:
-  hosts: [backend.upstream.local]
-  location: MESH_EXTERNAL
-  ports: [{number: ${backend.port}, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1}]
----
+${localServiceEntry('backend', 'backend.upstream.local', backend.port, 'HTTP')}---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: edge, namespace: apps}

@@ -20,6 +20,7 @@ import tls from 'node:tls';
 import { certDir, makeCa, makeLeaf, type Ca, type KeyPair } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startServerFirst, startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
 import { decodeSslTlvs, parseProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
@@ -203,18 +204,9 @@ async function configGeneration(gw: Gateway): Promise<{ generation: number; last
 
 // ---------------------------------------------------------------- config
 
+/** A MESH_EXTERNAL ServiceEntry for `host` with the endpoint 127.0.0.1. */
 function serviceEntry(host: string, port: number, protocol: 'TLS' | 'TCP'): string {
-  return `apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: ${host.split('.')[0]}
-spec:
-  hosts: [${host}]
-  location: MESH_EXTERNAL
-  ports: [{number: ${port}, name: ${protocol.toLowerCase()}, protocol: ${protocol}}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.1}]
-`;
+  return localServiceEntry(host.split('.')[0]!, host, port, protocol);
 }
 
 /** One port: PASSTHROUGH for each `sni → upstream host`, and SIMPLE termination of term.example.com to echo.local. */

@@ -537,28 +537,16 @@ interface Harness {
 }
 
 /**
- * A listener that hands every connection to proxyTcp toward 127.0.0.1:upstreamPort.
- * `connected` runs on each upstream socket before proxyTcp gets it (the connect "takes longer").
+ * A listener that hands every connection to proxyTcp (one cluster, `up`) and records the access
+ * log; the names of the counters and histograms the data plane reports go to `counts` / `observed`.
  */
-async function harness(upstreamPort: number, idleTimeoutMs: number, connected?: (s: net.Socket) => Promise<void>): Promise<Harness> {
+async function proxyHarness(clusters: TcpConnector,
+  opts: { idleTimeoutMs: number; replay?: Buffer; counts?: string[]; observed?: string[] }): Promise<Harness> {
   const logs: AccessLogEntry[] = [];
   const waiters = new Set<() => void>();
   const telemetry: Telemetry = {
     accessLog: (e) => { logs.push(e); for (const w of waiters) w(); },
-    count() {}, observe() {}, gauge() {}, log() {},
-  };
-  const clusters: TcpConnector = {
-    connectTcp: () => new Promise((resolve, reject) => {
-      const s = net.connect({ host: '127.0.0.1', port: upstreamPort, allowHalfOpen: true });
-      s.once('error', reject);
-      s.once('connect', () => {
-        s.off('error', reject);
-        void (connected ? connected(s) : Promise.resolve()).then(
-          () => resolve({ socket: s, endpoint: `127.0.0.1:${upstreamPort}` }),
-          (e: Error) => { s.destroy(); reject(e); },
-        );
-      });
-    }),
+    count: (name) => { opts.counts?.push(name); }, observe: (name) => { opts.observed?.push(name); }, gauge() {}, log() {},
   };
   const downs = new Set<net.Socket>();
   const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => {
@@ -570,7 +558,8 @@ async function harness(upstreamPort: number, idleTimeoutMs: number, connected?: 
       downstreamRemoteAddress: s.remoteAddress ?? '', downstreamRemotePort: s.remotePort ?? 0,
       downstreamLocalAddress: s.localAddress ?? '', downstreamLocalPort: s.localPort ?? 0,
     };
-    proxyTcp(s, undefined, { kind: 'tcp', name: 'test', clusters: [{ cluster: 'up', weight: 1 }], idleTimeoutMs }, info, { clusters, telemetry });
+    proxyTcp(s, opts.replay, { kind: 'tcp', name: 'test', clusters: [{ cluster: 'up', weight: 1 }], idleTimeoutMs: opts.idleTimeoutMs },
+      info, { clusters, telemetry });
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return {
@@ -591,6 +580,27 @@ async function harness(upstreamPort: number, idleTimeoutMs: number, connected?: 
     }),
     close: () => { server.close(); for (const s of downs) s.destroy(); },
   };
+}
+
+/**
+ * proxyTcp toward 127.0.0.1:upstreamPort. `connected` runs on each upstream socket before
+ * proxyTcp gets it (the connect "takes longer").
+ */
+function harness(upstreamPort: number, idleTimeoutMs: number, connected?: (s: net.Socket) => Promise<void>): Promise<Harness> {
+  const clusters: TcpConnector = {
+    connectTcp: () => new Promise((resolve, reject) => {
+      const s = net.connect({ host: '127.0.0.1', port: upstreamPort, allowHalfOpen: true });
+      s.once('error', reject);
+      s.once('connect', () => {
+        s.off('error', reject);
+        void (connected ? connected(s) : Promise.resolve()).then(
+          () => resolve({ socket: s, endpoint: `127.0.0.1:${upstreamPort}` }),
+          (e: Error) => { s.destroy(); reject(e); },
+        );
+      });
+    }),
+  };
+  return proxyHarness(clusters, { idleTimeoutMs });
 }
 
 for (const relay of RELAYS) {
@@ -742,14 +752,8 @@ interface DialHarness extends Harness {
 
 /** proxyTcp toward a real ClusterManager (one cluster, `up`), counting how it dials. */
 async function dialHarness(cluster: Cluster, replay?: Buffer): Promise<DialHarness> {
-  const logs: AccessLogEntry[] = [];
   const counts: string[] = [];
   const observed: string[] = [];
-  const waiters = new Set<() => void>();
-  const telemetry: Telemetry = {
-    accessLog: (e) => { logs.push(e); for (const w of waiters) w(); },
-    count: (name) => { counts.push(name); }, observe: (name) => { observed.push(name); }, gauge() {}, log() {},
-  };
   const cm = new ClusterManager({ up: cluster });
   const calls = { reserve: 0, connect: 0 };
   const clusters: TcpConnector = {
@@ -757,36 +761,8 @@ async function dialHarness(cluster: Cluster, replay?: Buffer): Promise<DialHarne
     reserveTcp: (c) => { calls.reserve++; return cm.reserveTcp(c); },
     get: (c) => cm.get(c),
   };
-  const downs = new Set<net.Socket>();
-  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => {
-    s.on('error', () => {});
-    downs.add(s);
-    s.once('close', () => downs.delete(s));
-    const info: ConnectionInfo = {
-      id: String(downs.size), startMs: Date.now(), listener: 'test',
-      downstreamRemoteAddress: s.remoteAddress ?? '', downstreamRemotePort: s.remotePort ?? 0,
-      downstreamLocalAddress: s.localAddress ?? '', downstreamLocalPort: s.localPort ?? 0,
-    };
-    proxyTcp(s, replay, { kind: 'tcp', name: 'test', clusters: [{ cluster: 'up', weight: 1 }], idleTimeoutMs: 0 }, info, { clusters, telemetry });
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    logs, downs, cm, calls, counts, observed,
-    waitLog: (pred, ms = 10_000) => new Promise((resolve, reject) => {
-      const check = () => {
-        const e = logs.find(pred);
-        if (!e) return;
-        waiters.delete(check);
-        clearTimeout(t);
-        resolve(e);
-      };
-      const t = setTimeout(() => { waiters.delete(check); reject(new Error(`no access-log entry within ${ms} ms: ${JSON.stringify(logs)}`)); }, ms);
-      waiters.add(check);
-      check();
-    }),
-    close: () => { server.close(); for (const s of downs) s.destroy(); void cm.close(0); },
-  };
+  const h = await proxyHarness(clusters, { idleTimeoutMs: 0, replay, counts, observed });
+  return { ...h, cm, calls, counts, observed, close: () => { h.close(); void cm.close(0); } };
 }
 
 const openFds = (): number => readdirSync('/proc/self/fd').length;
