@@ -1,6 +1,9 @@
 /*
- * tlsgate's optional native TCP relay: moves bytes between two connected TCP sockets with
- * splice(2) (socket -> pipe -> socket), so payload never enters user space or the JS heap.
+ * tlsgate's optional native TCP relay: moves bytes between two connected TCP sockets outside
+ * the JS heap. A read goes through one relay-wide buffer (recv, then send) while the other side
+ * keeps up; what it does not take waits in the direction's pipe, and reads then splice(2) in
+ * behind it until the pipe is full (backpressure). On loopback, measured against always
+ * splicing: more throughput for bulk downloads and fewer syscalls per small exchange.
  *
  * One epoll set per Node environment serves every relayed connection. It runs on Node's own
  * event loop (a uv_poll on the epoll descriptor, and a timer for deadlines), as nginx runs one
@@ -77,6 +80,14 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define PIPE_POOL_MAX 64
 /* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
 #define KEEPALIVE_IDLE_S 60
+/*
+ * One read moves at most this much through the relay's buffer. A short read proves the socket
+ * empty (a short splice does not: the pipe may have run out of slots), so no read is spent on
+ * EAGAIN; two TLS records of the largest size fit.
+ */
+#define COPY_BYTES 32768
+/* Rounds of commands queued by a turn's report handlers run in that same turn. */
+#define FOLLOW_UPS 4
 
 struct conn;
 struct listener;
@@ -115,6 +126,9 @@ struct dir {
   /* src may have bytes (or EOF) / dst may take bytes: cleared on EAGAIN, set by the next edge,
    * so a pass does not try a socket epoll has not announced anything for since it would block. */
   bool rd, wr;
+  /* src may have a FIN queued behind its bytes that no edge will announce again (an RDHUP event
+   * came, or nothing is known yet): a short read does not prove it empty. Cleared on EAGAIN. */
+  bool hup;
   /* Bytes JS already read, written to dst ahead of anything spliced (connect() only). */
   uint8_t *head;
   size_t head_len, head_off;
@@ -138,6 +152,10 @@ struct conn {
   struct listener *lst;
   /* Hello stage (accepted, bytes not yet decided on by JS). */
   bool hello_stage;
+  /* Reported to JS, no decision yet: its events only mark what is ready. */
+  bool awaiting;
+  /* fd[0] is in the epoll set since the accept (IN, OUT, RDHUP, edge-triggered). */
+  bool registered;
   uint8_t *hello;
   size_t hello_len, hello_alloc, hello_sent, hello_limit;
   int64_t hello_due, accept_ms;
@@ -204,6 +222,8 @@ struct relay {
   struct conn *all;
   struct conn *ready, *dead;
   int64_t next_deadline; /* -1: none */
+  /* Small exchanges go through here (recv, send) rather than through a direction's pipe. */
+  uint8_t copy[COPY_BYTES];
 };
 
 static int64_t now_ms(void) {
@@ -355,6 +375,58 @@ static void finish(struct relay *r, struct conn *c, int reason) {
 }
 
 /*
+ * One read of up to COPY_BYTES through the relay's buffer: sent on at once, and what dst does
+ * not take waits in the (empty) pipe. A short read empties src unless a FIN may be queued
+ * behind it (hup). Returns 1 on progress, 0 when src had nothing, -1 after ending the
+ * connection on an error.
+ */
+static int copy_through(struct relay *r, struct conn *c, struct dir *d, int src_reason, int dst_reason, long *moved) {
+  size_t want = d->cap < COPY_BYTES ? d->cap : COPY_BYTES;
+  ssize_t n = recv(d->src, r->copy, want, 0);
+  if (n == 0) {
+    d->eof = true;
+    (*moved)++;
+    return 1;
+  }
+  if (n < 0) {
+    if (errno == EAGAIN) {
+      d->rd = false;
+      d->hup = false;
+      return 0;
+    }
+    if (errno == EINTR) return 0;
+    finish(r, c, src_reason);
+    return -1;
+  }
+  d->in += (uint64_t)n;
+  *moved += n;
+  if ((size_t)n < want && !d->hup) d->rd = false;
+  size_t off = 0;
+  if (d->wr) {
+    ssize_t w = send(d->dst, r->copy, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w > 0) {
+      off = (size_t)w;
+      d->out += (uint64_t)w;
+      if (off < (size_t)n) d->wr = false; /* its buffer is full: EPOLLOUT says when to go on */
+    } else if (errno == EAGAIN) {
+      d->wr = false;
+    } else if (errno != EINTR) {
+      finish(r, c, dst_reason);
+      return -1;
+    }
+  }
+  if (off < (size_t)n) {
+    ssize_t p = write(d->pw, r->copy + off, (size_t)n - off);
+    if (p != (ssize_t)((size_t)n - off)) {
+      finish(r, c, END_INTERNAL);
+      return -1;
+    }
+    d->inpipe = (size_t)n - off;
+  }
+  return 1;
+}
+
+/*
  * Moves what it can in one direction until both ends would block (epoll then says when to go
  * on) or the budget is spent (*more is set: bytes may be waiting that no edge will announce).
  * Returns bytes moved, plus one for an EOF or a forwarded FIN, or -1 after ending the
@@ -364,7 +436,11 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
   long moved = 0;
   for (;;) {
     bool progress = false;
-    if (!d->eof && d->rd && d->inpipe < d->cap) {
+    if (!d->eof && d->rd && d->inpipe == 0 && d->head_len == 0) {
+      int k = copy_through(r, c, d, src_reason, dst_reason, &moved);
+      if (k < 0) return -1;
+      if (k > 0) progress = true;
+    } else if (!d->eof && d->rd && d->inpipe < d->cap) {
       ssize_t n = splice(d->src, NULL, d->pw, NULL, d->cap - d->inpipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         d->inpipe += (size_t)n;
@@ -377,6 +453,7 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
         progress = true;
       } else if (errno == EAGAIN) {
         d->rd = false;
+        d->hup = false;
       } else if (errno != EINTR) {
         finish(r, c, src_reason);
         return -1;
@@ -417,8 +494,11 @@ static long pump_dir(struct relay *r, struct conn *c, struct dir *d, int src_rea
     }
     if (d->eof && d->inpipe == 0 && d->head_len == 0 && !d->done) {
       /* Forward the FIN; the other direction keeps going (half-close). A peer that is already
-       * gone makes this fail, and the other direction's own I/O reports that. */
-      shutdown(d->dst, SHUT_WR);
+       * gone makes this fail, and the other direction's own I/O reports that. When the other
+       * direction is done too and the relay owns both descriptors, the close right after sends
+       * this FIN. */
+      const struct dir *o = d == &c->d2u ? &c->u2d : &c->d2u;
+      if (!o->done || c->lst == NULL) shutdown(d->dst, SHUT_WR);
       d->done = true;
       moved++;
     }
@@ -504,7 +584,11 @@ static int start_connect(struct conn *c) {
 
 static void add_conn(struct relay *r, struct conn *c) {
   c->last_ms = now_ms();
-  c->d2u.rd = c->d2u.wr = c->u2d.rd = c->u2d.wr = true;
+  c->d2u.wr = c->u2d.wr = true;
+  /* What is known of the reads: an accepted connection's from its hello stage and the edges
+   * since; a socket being dialled has nothing yet (its first bytes bring an edge). */
+  if (!c->registered) c->d2u.rd = true;
+  c->u2d.rd = !c->connecting;
   link_conn(r, c);
   int dial = 0;
   if (c->connecting) {
@@ -519,8 +603,8 @@ static void add_conn(struct relay *r, struct conn *c) {
   } else if (c->idle_ms > 0) {
     note_deadline(r, c->last_ms + c->idle_ms);
   }
-  for (int i = 0; i < 2; i++) {
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLET, .data.ptr = &c->sides[i] };
+  for (int i = c->registered ? 1 : 0; i < 2; i++) {
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[i] };
     if (epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[i], &ev) != 0) {
       finish(r, c, END_INTERNAL);
       return;
@@ -539,7 +623,8 @@ static void deliver_hello(struct relay *r, struct conn *c, int status) {
     finish(r, c, END_INTERNAL);
     return;
   }
-  epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
+  /* fd[0] stays in the epoll set: a dial reuses the registration, an adopt removes it. */
+  c->awaiting = true;
   unlink_conn(r, c);
   res->id = c->id;
   res->reason = HELLO;
@@ -557,6 +642,7 @@ static void deliver_hello(struct relay *r, struct conn *c, int status) {
  */
 static void hello_read(struct relay *r, struct conn *c) {
   int status = -1;
+  c->d2u.rd = true; /* until a read shows otherwise (the cap may stop it first) */
   while (c->hello_len < c->hello_limit) {
     if (c->hello_len == c->hello_alloc) {
       size_t want = c->hello_alloc ? c->hello_alloc * 2 : 2048;
@@ -575,7 +661,10 @@ static void hello_read(struct relay *r, struct conn *c) {
       c->hello_len += (size_t)n;
       /* A short read emptied the socket: the next bytes bring a new edge, and every later stage
        * (more, relay) starts with a read, so a FIN queued behind these bytes is not missed. */
-      if ((size_t)n < room) break;
+      if ((size_t)n < room) {
+        c->d2u.rd = c->d2u.hup; /* empty, unless a FIN may be queued behind these bytes */
+        break;
+      }
       continue;
     }
     if (n == 0) {
@@ -585,6 +674,8 @@ static void hello_read(struct relay *r, struct conn *c) {
       continue;
     } else if (errno != EAGAIN) {
       status = HELLO_RESET;
+    } else {
+      c->d2u.rd = c->d2u.hup = false; /* empty, and no FIN yet: the next one brings an edge */
     }
     break;
   }
@@ -593,19 +684,16 @@ static void hello_read(struct relay *r, struct conn *c) {
 
 /* Takes back a connection JS wants more bytes of. */
 static void hello_resume(struct relay *r, struct conn *c) {
+  c->awaiting = false;
   link_conn(r, c);
   if (c->d2u.eof || c->hello_len >= c->hello_limit) {
     /* Nothing more can come: say so at once rather than wait for an edge that never fires. */
     deliver_hello(r, c, c->d2u.eof ? HELLO_CLOSED : HELLO_DATA);
     return;
   }
-  struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
-  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[0], &ev) != 0) {
-    finish(r, c, END_INTERNAL);
-    return;
-  }
   note_deadline(r, c->hello_due);
-  hello_read(r, c);
+  /* Bytes that came while JS decided: read now (else the next edge brings them). */
+  if (c->d2u.rd) hello_read(r, c);
 }
 
 static void accept_one(struct relay *r, struct listener *l, int fd, struct sockaddr_storage *peer) {
@@ -637,11 +725,14 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
   c->last_ms = c->accept_ms = now_ms();
   c->hello_due = c->last_ms + l->hello_timeout_ms;
   link_conn(r, c);
-  struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
+  /* Registered once for the connection's life with the relay: the hello stage acts on reads
+   * only, and a dial keeps the registration (one epoll_ctl per accepted connection). */
+  struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
   if (epoll_ctl(r->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
     finish(r, c, END_INTERNAL);
     return;
   }
+  c->registered = true;
   note_deadline(r, c->hello_due);
   /* The client's first bytes often arrive with (or right after) the handshake's last ACK. */
   hello_read(r, c);
@@ -767,6 +858,16 @@ static void scan_idle(struct relay *r, int64_t now) {
 
 static void deliver_results(struct relay *r);
 static void schedule(struct relay *r);
+
+/* Frees the connections ended this turn; an idle relay gives its pooled pipes back. */
+static void free_dead(struct relay *r) {
+  while (r->dead) {
+    struct conn *d = r->dead;
+    r->dead = d->qnext;
+    free(d);
+  }
+  if (r->all == NULL) drain_pipe_pool(r);
+}
 static void on_timer(uv_timer_t *t);
 
 /*
@@ -787,18 +888,22 @@ static void relay_turn(struct relay *r) {
       if (!s->lst->closed) accept_ready(r, s->lst);
       continue;
     }
-    if (s->conn->closed) continue;
-    if (s->conn->hello_stage) {
-      hello_read(r, s->conn);
-      continue;
-    }
-    if (s->conn->connecting) {
-      connect_event(r, s, evs[i].events);
-      continue;
-    }
-    uint32_t e = evs[i].events;
     struct conn *c = s->conn;
-    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->d2u : &c->u2d)->rd = true;
+    if (c->closed) continue;
+    uint32_t e = evs[i].events;
+    struct dir *from = s->which == 0 ? &c->d2u : &c->u2d;
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) from->rd = true;
+    if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) from->hup = true;
+    /* JS is deciding on it: the flags say whether the next stage finds bytes to read. */
+    if (c->awaiting) continue;
+    if (c->hello_stage) {
+      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) hello_read(r, c);
+      continue;
+    }
+    if (c->connecting) {
+      connect_event(r, s, e);
+      continue;
+    }
     if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->u2d : &c->d2u)->wr = true;
     if (e & EPOLLERR) check_error(r, s);
     pump(r, c);
@@ -821,14 +926,18 @@ static void relay_turn(struct relay *r) {
     int64_t now = now_ms();
     if (now >= r->next_deadline) scan_idle(r, now);
   }
-  while (r->dead) {
-    struct conn *d = r->dead;
-    r->dead = d->qnext;
-    free(d);
-  }
-  if (r->all == NULL) drain_pipe_pool(r);
+  free_dead(r);
   r->in_turn = false;
   deliver_results(r);
+  /* What the handlers asked for (a dial, more bytes, a stop) runs now rather than a loop
+   * iteration later; bounded, so a handler that always queues more cannot hold the loop. */
+  for (int i = 0; i < FOLLOW_UPS && r->cmds; i++) {
+    r->in_turn = true;
+    run_commands(r);
+    free_dead(r);
+    r->in_turn = false;
+    deliver_results(r);
+  }
   schedule(r);
 }
 
@@ -1074,6 +1183,8 @@ static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_
     return NULL;
   }
   c->id = new_id(r);
+  /* JS's sockets: whether a FIN is already queued is unknown, so the first pass reads to EAGAIN. */
+  c->d2u.hup = c->u2d.hup = true;
   c->d2u.src = c->fd[0];
   c->d2u.dst = c->fd[1];
   c->u2d.src = c->fd[1];
@@ -1448,6 +1559,8 @@ static napi_value js_adopt(napi_env env, napi_callback_info info) {
   struct conn *c = awaiting_arg(env, r, argc, argv, "adopt(id): no connection awaiting a decision");
   if (!c) return NULL;
   int fd = c->fd[0];
+  /* Node polls it from now on; the relay must not hear of it again. */
+  if (c->registered) epoll_ctl(r->ep, EPOLL_CTL_DEL, fd, NULL);
   c->fd[0] = -1;
   c->lst = NULL; /* counted until release() */
   free_conn_fds(r, c);
@@ -1535,6 +1648,7 @@ static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
     head = NULL;
   }
   c->hello_stage = false;
+  c->awaiting = false;
   c->d2u.head = head;
   c->d2u.head_len = len;
   c->idle_ms = idle;
