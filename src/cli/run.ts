@@ -59,7 +59,7 @@ export interface RunOptions {
   workloadCertTtlMs?: number;
   /** TLS and auth for `--config etcd://...` entries. */
   etcd?: EtcdConnectionOptions;
-  /** Raw TCP relay: splice(2) addon when built (auto), required (native), or stream pipes (js). */
+  /** Raw TCP relay: the native addon when built (auto), required (native), or stream pipes (js). */
   relay?: RelayMode;
 }
 

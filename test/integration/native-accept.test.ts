@@ -1,5 +1,5 @@
 // Native accept against the real CLI: the relay addon accepts a TLS-inspecting listener and reads
-// the ClientHello itself; a hello routed to a plain TCP upstream is dialled and spliced by the
+// the ClientHello itself; a hello routed to a plain TCP upstream is dialled and relayed by the
 // addon, everything else becomes a Node socket ("adopted"). Every case runs twice, with native
 // accept on and with TLSGATE_NATIVE_ACCEPT=0 (Node accepts), and the two must behave the same:
 // SNI passthrough with exact byte counts, a hello written one byte at a time, unknown / missing

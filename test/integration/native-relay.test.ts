@@ -1,6 +1,7 @@
-// The raw TCP relay, native (splice(2) addon) and JS (stream pipes), against real sockets on
+// The raw TCP relay, native (the addon) and JS (stream pipes), against real sockets on
 // 127.0.0.1: 64 MiB each way with sha256 checks through a passthrough route and a plain TCP route,
-// half-close both ways, an upstream reset, the idle timeout, closing while bytes flow (drain,
+// a client that stops reading (the upstream is held back, then every byte arrives), half-close
+// both ways, an upstream reset, the idle timeout, closing while bytes flow (drain,
 // closeAll), a PROXY header ahead of a replayed ClientHello, bytes the upstream sent before the
 // hand-off, and exact byte counts in the access log. Every case runs under both relays; the
 // native ones are skipped when the addon was not built. Native connect (the addon dials a plain

@@ -1,7 +1,8 @@
 /**
  * The optional native TCP relay (native/relay.c, built by node-gyp at install into
- * build/Release/relay.node): splice(2) between two raw TCP sockets from one epoll set on Node's event loop, so
- * passthrough and plain TCP bytes never cross into JS. When the addon is missing (not built, not
+ * build/Release/relay.node): moves bytes between two raw TCP sockets from one epoll set on Node's event
+ * loop (recv/send through one buffer, splice(2) through a pipe for what waits), so passthrough and plain
+ * TCP bytes never cross into JS. When the addon is missing (not built, not
  * Linux) or the relay mode is `js`, tcp-proxy.ts uses its JS pipe relay.
  *
  * The mode is process-wide: `tlsgate run --relay auto|native|js` sets it once at start.
@@ -198,7 +199,7 @@ export function setRelayMode(m: RelayMode): 'native' | 'js' {
   return relayInUse();
 }
 
-/** The relay raw TCP connections get: `native` (splice) or `js` (stream pipe). */
+/** The relay raw TCP connections get: `native` (the addon) or `js` (stream pipe). */
 export function relayInUse(): 'native' | 'js' {
   return mode !== 'js' && nativeRelayAvailable() ? 'native' : 'js';
 }

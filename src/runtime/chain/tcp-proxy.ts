@@ -10,7 +10,7 @@
  * whose server closes right after the last byte must not lose its tail.
  *
  * Native relay: when both sides are raw TCP sockets (passthrough, plain TCP, CONNECT tunnels
- * without upstream TLS) and the splice addon is in use (native-relay.ts), JS stops reading both
+ * without upstream TLS) and the native relay addon is in use (native-relay.ts), JS stops reading both
  * sockets, forwards what it already holds (replay, PROXY header, bytes buffered in the streams),
  * waits until those writes reached the kernel, and hands both descriptors to the relay.
  * The JS sockets stay open, untouched, until the addon reports the connection done; destroying
