@@ -1,4 +1,4 @@
-// Builds the optional native splice relay (build/Release/relay.node) with node-gyp, from
+// Builds the optional native relay (build/Release/relay.node) with node-gyp, from
 // `npm run build:native` (run by `prepare`). Never fails the install: when the addon cannot be
 // built (no compiler, not Linux, no Node headers), tlsgate uses its JS relay and this prints
 // one line saying so. TLSGATE_NO_NATIVE=1 skips the build.

@@ -32,8 +32,9 @@
  * takes the fast path never becomes a Node object at all. The listener's connection limit is
  * enforced here, at accept, counting adopted sockets until JS releases them.
  *
- * Commands from JS are queued and run on the relay's next turn (never inside the JS call that
- * made them), and the reports of one turn reach JS together, in one callback scope.
+ * Commands from JS are queued and never run inside the JS call that made them: those a report
+ * handler queued run right after the turn's reports, others on the next turn. The reports of
+ * one turn reach JS together, in one callback scope.
  */
 #define _GNU_SOURCE
 #include <node_api.h>
@@ -123,8 +124,9 @@ struct dir {
   size_t inpipe;   /* bytes spliced in, not yet out */
   uint64_t in, out; /* bytes read from src / written to dst */
   bool eof, done;
-  /* src may have bytes (or EOF) / dst may take bytes: cleared on EAGAIN, set by the next edge,
-   * so a pass does not try a socket epoll has not announced anything for since it would block. */
+  /* src may have bytes (or EOF) / dst may take bytes: cleared on EAGAIN (and rd on a short read,
+   * see hup), set by the next edge, so a pass does not try a socket epoll has not announced
+   * anything for since it would block. */
   bool rd, wr;
   /* src may have a FIN queued behind its bytes that no edge will announce again (an RDHUP event
    * came, or nothing is known yet): a short read does not prove it empty. Cleared on EAGAIN. */
@@ -192,6 +194,7 @@ struct relay {
   uv_poll_t *poll;
   uv_timer_t *timer;
   bool started, in_turn;
+  bool delivering; /* a turn's reports and the commands their handlers queue are being run */
   int64_t timer_due; /* when `timer` fires (-1: not pending) */
   int ep;
   /* The report functions and the async context their calls run in. */
@@ -659,10 +662,10 @@ static void hello_read(struct relay *r, struct conn *c) {
     ssize_t n = recv(c->fd[0], c->hello + c->hello_len, room, 0);
     if (n > 0) {
       c->hello_len += (size_t)n;
-      /* A short read emptied the socket: the next bytes bring a new edge, and every later stage
-       * (more, relay) starts with a read, so a FIN queued behind these bytes is not missed. */
+      /* A short read emptied the socket and the next bytes bring a new edge, unless a FIN may be
+       * queued behind these (hup): then the next stage (more, relay) starts with a read. */
       if ((size_t)n < room) {
-        c->d2u.rd = c->d2u.hup; /* empty, unless a FIN may be queued behind these bytes */
+        c->d2u.rd = c->d2u.hup;
         break;
       }
       continue;
@@ -928,6 +931,7 @@ static void relay_turn(struct relay *r) {
   }
   free_dead(r);
   r->in_turn = false;
+  r->delivering = true;
   deliver_results(r);
   /* What the handlers asked for (a dial, more bytes, a stop) runs now rather than a loop
    * iteration later; bounded, so a handler that always queues more cannot hold the loop. */
@@ -938,6 +942,7 @@ static void relay_turn(struct relay *r) {
     r->in_turn = false;
     deliver_results(r);
   }
+  r->delivering = false;
   schedule(r);
 }
 
@@ -1097,13 +1102,14 @@ static void deliver_results(struct relay *r) {
   napi_close_handle_scope(env, hs);
 }
 
-/* Queues a command for the relay's next turn (right after this loop iteration). */
+/* Queues a command: after the turn's reports when a report handler queued it, else for a turn
+ * right after this loop iteration. */
 static void push_cmd(struct relay *r, struct cmd *c) {
   c->next = NULL;
   if (r->cmds_tail) r->cmds_tail->next = c; else r->cmds = c;
   r->cmds_tail = c;
-  /* Inside a turn (a report handler), the turn's end schedules the next one. */
-  if (!r->in_turn) {
+  /* Inside a turn or its reports, the turn runs it or schedules the next one. */
+  if (!r->in_turn && !r->delivering) {
     r->timer_due = now_ms();
     uv_timer_start(r->timer, on_timer, 0, 0);
   }
