@@ -150,14 +150,14 @@ struct conn {
   bool closed, queued;
   /* Reported to JS when it ends: every connection JS started (start, connect, acceptedConnect). */
   bool submitted;
-  /* Accepted by the relay: counted in lst->open until closed (or released by JS). */
+  /* Accepted by the relay: counted in lst->open until closed (or released by JS). Its fd[0] is
+   * then in the epoll set from the accept on (IN, OUT, RDHUP, edge-triggered), and the relay
+   * owns both descriptors. */
   struct listener *lst;
   /* Hello stage (accepted, bytes not yet decided on by JS). */
   bool hello_stage;
   /* Reported to JS, no decision yet: its events only mark what is ready. */
   bool awaiting;
-  /* fd[0] is in the epoll set since the accept (IN, OUT, RDHUP, edge-triggered). */
-  bool registered;
   uint8_t *hello;
   size_t hello_len, hello_alloc, hello_sent, hello_limit;
   int64_t hello_due, accept_ms;
@@ -193,8 +193,8 @@ struct relay {
    * for a turn soon after JS queued commands. Both are unreferenced while nothing is relayed. */
   uv_poll_t *poll;
   uv_timer_t *timer;
+  /* in_turn: a turn runs, its reports and the commands their handlers queue included. */
   bool started, in_turn;
-  bool delivering; /* a turn's reports and the commands their handlers queue are being run */
   int64_t timer_due; /* when `timer` fires (-1: not pending) */
   int ep;
   /* The report functions and the async context their calls run in. */
@@ -590,7 +590,7 @@ static void add_conn(struct relay *r, struct conn *c) {
   c->d2u.wr = c->u2d.wr = true;
   /* What is known of the reads: an accepted connection's from its hello stage and the edges
    * since; a socket being dialled has nothing yet (its first bytes bring an edge). */
-  if (!c->registered) c->d2u.rd = true;
+  if (!c->lst) c->d2u.rd = true;
   c->u2d.rd = !c->connecting;
   link_conn(r, c);
   int dial = 0;
@@ -606,7 +606,7 @@ static void add_conn(struct relay *r, struct conn *c) {
   } else if (c->idle_ms > 0) {
     note_deadline(r, c->last_ms + c->idle_ms);
   }
-  for (int i = c->registered ? 1 : 0; i < 2; i++) {
+  for (int i = c->lst ? 1 : 0; i < 2; i++) {
     struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[i] };
     if (epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[i], &ev) != 0) {
       finish(r, c, END_INTERNAL);
@@ -735,7 +735,6 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
     finish(r, c, END_INTERNAL);
     return;
   }
-  c->registered = true;
   note_deadline(r, c->hello_due);
   /* The client's first bytes often arrive with (or right after) the handshake's last ACK. */
   hello_read(r, c);
@@ -930,19 +929,15 @@ static void relay_turn(struct relay *r) {
     if (now >= r->next_deadline) scan_idle(r, now);
   }
   free_dead(r);
-  r->in_turn = false;
-  r->delivering = true;
   deliver_results(r);
   /* What the handlers asked for (a dial, more bytes, a stop) runs now rather than a loop
    * iteration later; bounded, so a handler that always queues more cannot hold the loop. */
   for (int i = 0; i < FOLLOW_UPS && r->cmds; i++) {
-    r->in_turn = true;
     run_commands(r);
     free_dead(r);
-    r->in_turn = false;
     deliver_results(r);
   }
-  r->delivering = false;
+  r->in_turn = false;
   schedule(r);
 }
 
@@ -1108,8 +1103,8 @@ static void push_cmd(struct relay *r, struct cmd *c) {
   c->next = NULL;
   if (r->cmds_tail) r->cmds_tail->next = c; else r->cmds = c;
   r->cmds_tail = c;
-  /* Inside a turn or its reports, the turn runs it or schedules the next one. */
-  if (!r->in_turn && !r->delivering) {
+  /* Inside a turn (a report handler), the turn runs it or schedules the next one. */
+  if (!r->in_turn) {
     r->timer_due = now_ms();
     uv_timer_start(r->timer, on_timer, 0, 0);
   }
@@ -1566,7 +1561,7 @@ static napi_value js_adopt(napi_env env, napi_callback_info info) {
   if (!c) return NULL;
   int fd = c->fd[0];
   /* Node polls it from now on; the relay must not hear of it again. */
-  if (c->registered) epoll_ctl(r->ep, EPOLL_CTL_DEL, fd, NULL);
+  epoll_ctl(r->ep, EPOLL_CTL_DEL, fd, NULL);
   c->fd[0] = -1;
   c->lst = NULL; /* counted until release() */
   free_conn_fds(r, c);
