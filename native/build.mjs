@@ -19,7 +19,7 @@ if (process.env.TLSGATE_NO_NATIVE === '1') notice('TLSGATE_NO_NATIVE=1');
 const built = path.join(root, 'build', 'Release', 'relay.node');
 const mtime = (f) => (existsSync(f) ? statSync(f).mtimeMs : Infinity);
 if (process.env.TLSGATE_NATIVE_REBUILD !== '1' && existsSync(built)
-  && ['native/relay.c', 'binding.gyp'].every((f) => mtime(path.join(root, f)) < mtime(built))) {
+  && ['native/relay.c', 'native/client_hello.c', 'native/fast_route.c', 'native/client_hello.h', 'native/fast_route.h', 'binding.gyp'].every((f) => mtime(path.join(root, f)) < mtime(built))) {
   console.log('tlsgate: native relay up to date (build/Release/relay.node)');
   process.exit(0);
 }

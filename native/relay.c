@@ -40,6 +40,9 @@
 #include <node_api.h>
 #include <uv.h>
 
+#include "client_hello.h"
+#include "fast_route.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -89,6 +92,9 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define COPY_BYTES 32768
 /* Rounds of commands queued by a turn's report handlers run in that same turn. */
 #define FOLLOW_UPS 4
+/* Learned-route records wait at most this long for a call into JS that carries them: one call
+ * per batch rather than per turn (counters and access-log lines are that much later). */
+#define FAST_FLUSH_MS 20
 
 struct conn;
 struct listener;
@@ -112,6 +118,8 @@ struct listener {
   uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
   bool closed, paused;
   int64_t resume_at;
+  /* SNIs JS routed to plain TCP: connections naming one are dialled here (NULL: none learned). */
+  struct fast_table *fast;
   struct side side;
   struct listener *next; /* every listener ever made */
 };
@@ -162,6 +170,12 @@ struct conn {
   size_t hello_len, hello_alloc, hello_sent, hello_limit;
   int64_t hello_due, accept_ms;
   struct sockaddr_storage peer, local;
+  struct hello_cursor cursor;
+  /* Dialled on a learned route (never reported to JS as a connection of its own): the route,
+   * the target and endpoint picked, counted in their slots until the end. */
+  struct fast_route *froute;
+  struct fast_pick fpick;
+  int64_t dial_ms;
   struct conn *hnext;       /* hash chain */
   struct conn *prev, *next; /* all live connections */
   struct conn *qnext;       /* ready queue (budget ran out) or dead list */
@@ -225,9 +239,40 @@ struct relay {
   struct conn *all;
   struct conn *ready, *dead;
   int64_t next_deadline; /* -1: none */
+  /* Learned routes: what they report (fast_recs) goes to on_fast in batches, through fast_buf
+   * (FAST_STRIDE doubles per record); slots are the active counts shared with JS. */
+  napi_ref on_fast, fast_buf_ref, slots_ref;
+  double *fast_buf;
+  size_t fast_buf_recs;
+  int32_t *slots;
+  size_t nslots;
+  uint64_t rng;
+  struct fast_rec *recs;
+  size_t nrecs, recs_cap;
+  /* When the oldest undelivered record must go (-1: none waiting); `fast_now`: with this turn's
+   * reports (a listener just lost its last connection: a drain waiting on it gets its lines). */
+  int64_t fast_due;
+  bool fast_now;
   /* Small exchanges go through here (recv, send) rather than through a direction's pipe. */
   uint8_t copy[COPY_BYTES];
 };
+
+/* What a connection on a learned route reports: started (with what the access log needs when
+ * it is on), connected, ended. */
+enum fast_kind { FAST_START = 1, FAST_CONNECTED, FAST_END };
+/* A record: kind, listener id, route id, target, endpoint, then by kind (START: ms from accept to
+ * dial, hello bytes; CONNECTED: connect ms; END: reason, the four byte counts, hello bytes), [10]
+ * START's extras index (-1: none), [11] the connection id, [12] ms since the accept. */
+#define FAST_STRIDE 14
+struct fast_rec {
+  double v[FAST_STRIDE];
+  bool extras;
+  struct sockaddr_storage peer, local;
+  struct hello_info hello;
+};
+
+static void relay_ref(struct relay *r);
+static void relay_unref(struct relay *r);
 
 static int64_t now_ms(void) {
   struct timespec ts;
@@ -357,9 +402,54 @@ static void link_conn(struct relay *r, struct conn *c) {
   r->all = c;
 }
 
+/* A record for JS about a connection on a learned route; NULL (the record lost) without memory. */
+static struct fast_rec *fast_rec(struct relay *r, struct conn *c, int kind) {
+  if (r->nrecs == r->recs_cap) {
+    size_t cap = r->recs_cap ? r->recs_cap * 2 : 64;
+    struct fast_rec *g = realloc(r->recs, cap * sizeof *g);
+    if (!g) return NULL;
+    r->recs = g;
+    r->recs_cap = cap;
+  }
+  if (r->nrecs == 0) r->fast_due = now_ms() + FAST_FLUSH_MS;
+  struct fast_rec *f = &r->recs[r->nrecs++];
+  memset(f->v, 0, sizeof f->v);
+  f->extras = false;
+  f->v[0] = kind;
+  f->v[1] = c->lst ? c->lst->id : 0;
+  f->v[2] = c->froute->id;
+  f->v[3] = c->fpick.target;
+  f->v[4] = c->fpick.host;
+  f->v[11] = c->id;
+  f->v[12] = (double)(now_ms() - c->accept_ms);
+  return f;
+}
+
+/* The end of a connection on a learned route: its slots released, its record queued. */
+static void fast_end(struct relay *r, struct conn *c, int reason) {
+  struct fast_cluster *cl = &c->froute->clusters[c->fpick.target];
+  if (c->lst && c->lst->open <= 1) r->fast_now = true;
+  r->slots[cl->slot]--;
+  r->slots[cl->hosts[c->fpick.host].slot]--;
+  struct fast_rec *f = fast_rec(r, c, FAST_END);
+  if (f) {
+    f->v[5] = reason;
+    f->v[6] = (double)c->d2u.in;
+    f->v[7] = (double)c->d2u.out;
+    f->v[8] = (double)c->u2d.in;
+    f->v[9] = (double)c->u2d.out;
+    f->v[10] = (double)c->hello_sent;
+  } else {
+    relay_unref(r);
+  }
+  fast_route_unref(c->froute);
+  c->froute = NULL;
+}
+
 static void finish(struct relay *r, struct conn *c, int reason) {
   if (c->closed) return;
   c->closed = true;
+  if (c->froute) fast_end(r, c, reason);
   for (int i = 0; i < 2; i++) {
     /* JS still holds the same open file description, so closing our dup alone would not take
      * it out of the epoll set: remove it explicitly. A connection the relay accepted and dialled
@@ -551,7 +641,12 @@ static void connected(struct relay *r, struct conn *c) {
   c->connecting = false;
   c->last_ms = now_ms();
   if (c->idle_ms > 0) note_deadline(r, c->last_ms + c->idle_ms);
-  report(r, c, CONNECTED);
+  if (c->submitted) {
+    report(r, c, CONNECTED);
+  } else if (c->froute) {
+    struct fast_rec *f = fast_rec(r, c, FAST_CONNECTED);
+    if (f) f->v[5] = (double)(c->last_ms - c->dial_ms);
+  }
   pump(r, c);
 }
 
@@ -640,6 +735,61 @@ static void deliver_hello(struct relay *r, struct conn *c, int status) {
 }
 
 /*
+ * A listener with learned routes looks at the hello itself: true when the connection was dialled
+ * on one, or the hello is still incomplete (its next bytes come with an edge, and the hello
+ * timeout still applies); false when JS decides, on every byte read so far.
+ */
+static bool fast_try(struct relay *r, struct conn *c) {
+  struct fast_table *t = c->lst->fast;
+  struct hello_info hi;
+  enum hello_kind k = hello_scan(c->hello, c->hello_len, t->max_hello, &c->cursor, &hi);
+  if (k == HELLO_NEED_MORE) return c->hello_len < c->hello_limit;
+  if (k != HELLO_TLS) return false;
+  struct fast_route *rt = fast_lookup(t, hi.sni_len >= 0 ? hi.sni : NULL, hi.sni_len);
+  struct fast_pick pk;
+  if (!rt || !fast_pick(rt, r->slots, r->nslots, &r->rng, &pk)) return false;
+  if (!make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
+    drop_pipe(r, &c->d2u);
+    drop_pipe(r, &c->u2d);
+    return false;
+  }
+  struct fast_cluster *cl = &rt->clusters[pk.target];
+  struct fast_host *h = &cl->hosts[pk.host];
+  r->slots[cl->slot]++;
+  r->slots[h->slot]++;
+  rt->refs++;
+  c->froute = rt;
+  c->fpick = pk;
+  unlink_conn(r, c);
+  c->hello_stage = false;
+  /* From here on hello_sent is the count of hello bytes handed on (the head), for the end record. */
+  c->hello_sent = c->hello_len;
+  c->d2u.head = c->hello;
+  c->d2u.head_len = c->hello_len;
+  c->hello = NULL;
+  c->hello_len = c->hello_alloc = 0;
+  c->idle_ms = cl->idle_ms;
+  c->connecting = true;
+  c->connect_ms = cl->connect_ms;
+  c->addr = h->addr;
+  c->addrlen = h->addrlen;
+  c->dial_ms = now_ms();
+  struct fast_rec *f = fast_rec(r, c, FAST_START);
+  if (f) {
+    f->v[6] = (double)c->hello_sent;
+    if (t->log) {
+      f->extras = true;
+      f->peer = c->peer;
+      f->local = c->local;
+      f->hello = hi;
+    }
+  }
+  relay_ref(r);
+  add_conn(r, c);
+  return true;
+}
+
+/*
  * Reads what the client sent (up to the listener's cap) and reports it when there is something
  * new, the peer closed or reset, or the cap is reached; otherwise waits for the next edge.
  */
@@ -682,6 +832,8 @@ static void hello_read(struct relay *r, struct conn *c) {
     }
     break;
   }
+  /* Nothing reported yet: a learned route may take it (or the rest of its hello is awaited here). */
+  if (status < 0 && c->hello_sent == 0 && c->lst->fast && c->lst->fast->count && fast_try(r, c)) return;
   if (status >= 0 || c->hello_len > c->hello_sent) deliver_hello(r, c, status >= 0 ? status : HELLO_DATA);
 }
 
@@ -950,6 +1102,7 @@ static void schedule(struct relay *r) {
   if (!r->started) return;
   int64_t now = now_ms();
   int64_t due = r->ready || r->cmds ? now : r->next_deadline;
+  if (r->nrecs && r->fast_due >= 0 && (due < 0 || r->fast_due < due)) due = r->fast_due;
   if (due < 0) return; /* nothing due: a pending timer just finds nothing to do */
   if (due > now + MAX_WAIT_MS) due = now + MAX_WAIT_MS;
   if (r->timer_due >= 0 && r->timer_due <= due) return;
@@ -1058,10 +1211,70 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
   napi_call_function(env, undef, cb, 6, argv, NULL);
 }
 
+/* The extras of a start record, flat: remoteAddress, remotePort, localAddress, localPort, sni
+ * (undefined without one), the ALPN list as sent (latin1, length-prefixed names), ech. */
+#define FAST_EXTRAS 7
+static void fast_extras(napi_env env, napi_value arr, uint32_t at, const struct fast_rec *f) {
+  napi_value v[FAST_EXTRAS];
+  address_values(env, &f->peer, &v[0], &v[1]);
+  address_values(env, &f->local, &v[2], &v[3]);
+  if (f->hello.sni_len >= 0) napi_create_string_latin1(env, f->hello.sni, (size_t)f->hello.sni_len, &v[4]);
+  else napi_get_undefined(env, &v[4]);
+  napi_create_string_latin1(env, (const char *)f->hello.alpn, f->hello.alpn_len, &v[5]);
+  napi_get_boolean(env, f->hello.ech, &v[6]);
+  for (uint32_t i = 0; i < FAST_EXTRAS; i++) napi_set_element(env, arr, at + i, v[i]);
+}
+
+/* The turn's learned-route records: onFast(count, extras) per bufferful, the records in fast_buf. */
+static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool live) {
+  napi_value fn;
+  if (live) live = r->on_fast && r->fast_buf && napi_get_reference_value(env, r->on_fast, &fn) == napi_ok;
+  for (size_t i = 0; i < r->nrecs;) {
+    size_t n = r->nrecs - i;
+    if (live && n > r->fast_buf_recs) n = r->fast_buf_recs;
+    if (live) {
+      napi_handle_scope each;
+      napi_open_handle_scope(env, &each);
+      napi_value extras = undef;
+      uint32_t nx = 0;
+      for (size_t k = 0; k < n; k++) {
+        struct fast_rec *f = &r->recs[i + k];
+        double *out = r->fast_buf + k * FAST_STRIDE;
+        memcpy(out, f->v, sizeof f->v);
+        if (f->v[0] == FAST_START) out[10] = -1;
+        if (f->extras) {
+          if (nx == 0) napi_create_array(env, &extras);
+          out[10] = nx;
+          fast_extras(env, extras, nx, f);
+          nx += FAST_EXTRAS;
+        }
+      }
+      napi_value argv[2];
+      napi_create_uint32(env, (uint32_t)n, &argv[0]);
+      argv[1] = extras;
+      napi_call_function(env, undef, fn, 2, argv, NULL);
+      bool pending = false;
+      if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+        napi_value e;
+        napi_get_and_clear_last_exception(env, &e);
+        napi_fatal_exception(env, e);
+      }
+      napi_close_handle_scope(env, each);
+    }
+    for (size_t k = 0; k < n; k++) if (r->recs[i + k].v[0] == FAST_END) relay_unref(r);
+    i += n;
+  }
+  r->nrecs = 0;
+  r->fast_due = -1;
+  r->fast_now = false;
+}
+
 /* A turn's reports, in order, inside one callback scope (microtasks run once, at its end). */
 static void deliver_results(struct relay *r) {
   struct result *list = r->results;
-  if (!list) return;
+  /* Records ride along with reports; on their own they wait for a batch (see FAST_FLUSH_MS). */
+  bool fast = r->nrecs > 0 && (list || r->fast_now || r->nrecs >= r->fast_buf_recs || now_ms() >= r->fast_due);
+  if (!list && !fast) return;
   r->results = r->results_tail = NULL;
   napi_env env = r->env;
   napi_handle_scope hs;
@@ -1093,6 +1306,7 @@ static void deliver_results(struct relay *r) {
     free(list);
     list = next;
   }
+  if (fast) deliver_fast(env, r, undef, live);
   if (cs) napi_close_callback_scope(env, cs);
   napi_close_handle_scope(env, hs);
 }
@@ -1660,6 +1874,199 @@ static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
   return submit(env, r, c);
 }
 
+/* ---- learned routes ---------------------------------------------------------------------- */
+
+/* setFast(onFast, records: Float64Array, slots: Int32Array): where learned routes report and count. */
+static napi_value js_set_fast(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "setFast(onFast, records: Float64Array, slots: Int32Array)";
+  napi_valuetype t;
+  bool is_ta = false, is_ta2 = false;
+  napi_typedarray_type t1, t2;
+  size_t n1 = 0, n2 = 0;
+  void *d1 = NULL, *d2 = NULL;
+  if (argc < 3 || napi_typeof(env, argv[0], &t) != napi_ok || t != napi_function ||
+      napi_is_typedarray(env, argv[1], &is_ta) != napi_ok || !is_ta || napi_is_typedarray(env, argv[2], &is_ta2) != napi_ok || !is_ta2 ||
+      napi_get_typedarray_info(env, argv[1], &t1, &n1, &d1, NULL, NULL) != napi_ok || t1 != napi_float64_array ||
+      napi_get_typedarray_info(env, argv[2], &t2, &n2, &d2, NULL, NULL) != napi_ok || t2 != napi_int32_array ||
+      n1 < FAST_STRIDE) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  if (r->on_fast) {
+    napi_throw_error(env, NULL, "setFast: already set");
+    return NULL;
+  }
+  napi_create_reference(env, argv[0], 1, &r->on_fast);
+  napi_create_reference(env, argv[1], 1, &r->fast_buf_ref);
+  napi_create_reference(env, argv[2], 1, &r->slots_ref);
+  r->fast_buf = d1;
+  r->fast_buf_recs = n1 / FAST_STRIDE;
+  r->slots = d2;
+  r->nslots = n2;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  r->rng = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ ((uint64_t)getpid() << 40) ^ 0x9E3779B97F4A7C15ULL;
+  if (r->rng == 0) r->rng = 1;
+  return NULL;
+}
+
+static bool element_number(napi_env env, napi_value arr, uint32_t i, double *out) {
+  napi_value v;
+  return napi_get_element(env, arr, i, &v) == napi_ok && napi_get_value_double(env, v, out) == napi_ok;
+}
+
+/* One target of a route spec: [weight, policy, clusterSlot, maxConns, connectMs, idleMs, hosts]
+ * with hosts [[ip, port, weight, slot], ...]. */
+static bool parse_target(napi_env env, napi_value spec, struct fast_route *rt, uint32_t i) {
+  double w, pol, slot, max, cms, ims;
+  napi_value hosts;
+  uint32_t n = 0;
+  if (!element_number(env, spec, 0, &w) || !element_number(env, spec, 1, &pol) || !element_number(env, spec, 2, &slot) ||
+      !element_number(env, spec, 3, &max) || !element_number(env, spec, 4, &cms) || !element_number(env, spec, 5, &ims) ||
+      napi_get_element(env, spec, 6, &hosts) != napi_ok || napi_get_array_length(env, hosts, &n) != napi_ok ||
+      pol < 0 || pol > 2 || slot < 0 || cms < 1 || ims < 0 || n == 0 || n > 65536) {
+    return false;
+  }
+  struct fast_cluster *c = &rt->clusters[i];
+  rt->weight[i] = w;
+  c->policy = (int)pol;
+  c->slot = (uint32_t)slot;
+  c->max_conns = max < 0 ? -1 : (int64_t)max;
+  c->connect_ms = (uint32_t)cms;
+  c->idle_ms = (uint32_t)ims;
+  c->hosts = calloc(n, sizeof *c->hosts);
+  c->weight = calloc(n, sizeof *c->weight);
+  c->cum = calloc(n, sizeof *c->cum);
+  c->cur = calloc(n, sizeof *c->cur);
+  if (!c->hosts || !c->weight || !c->cum || !c->cur) return false;
+  c->n = n;
+  for (uint32_t k = 0; k < n; k++) {
+    napi_value h, ipv;
+    char ip[64];
+    size_t iplen = 0;
+    double port, hw, hs;
+    if (napi_get_element(env, hosts, k, &h) != napi_ok || napi_get_element(env, h, 0, &ipv) != napi_ok ||
+        napi_get_value_string_utf8(env, ipv, ip, sizeof ip, &iplen) != napi_ok || iplen >= sizeof ip - 1 ||
+        !element_number(env, h, 1, &port) || !element_number(env, h, 2, &hw) || !element_number(env, h, 3, &hs) ||
+        port < 1 || port > 65535 || hs < 0 ||
+        !parse_address(ip, (int64_t)port, &c->hosts[k].addr, &c->hosts[k].addrlen)) {
+      return false;
+    }
+    c->hosts[k].weight = hw;
+    c->hosts[k].slot = (uint32_t)hs;
+  }
+  fast_cluster_ready(c);
+  return true;
+}
+
+/* fastLearn(listenerId, sni | null, maxHelloBytes, log, routeId, targets) -> whether it was
+ * learned (false: the listener's table is full). Replaces what the SNI had. */
+static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 6;
+  napi_value argv[6];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  static const char usage[] = "fastLearn(listenerId, sni, maxHelloBytes, log, routeId, targets)";
+  if (argc < 6) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  struct listener *l = listener_arg(env, r, argv[0], usage);
+  if (!l) return NULL;
+  char sni[256];
+  size_t sni_len = 0;
+  napi_valuetype t;
+  int64_t max_hello, rid;
+  bool log = false;
+  uint32_t n = 0;
+  napi_typeof(env, argv[1], &t);
+  if ((t != napi_null && (napi_get_value_string_latin1(env, argv[1], sni, sizeof sni, &sni_len) != napi_ok || sni_len > 253)) ||
+      get_int(env, argv[2], &max_hello) || max_hello < 0 || napi_get_value_bool(env, argv[3], &log) != napi_ok ||
+      get_int(env, argv[4], &rid) || rid < 0 || rid > UINT32_MAX ||
+      napi_get_array_length(env, argv[5], &n) != napi_ok || n == 0 || n > 1024 || !r->on_fast) {
+    napi_throw_type_error(env, NULL, usage);
+    return NULL;
+  }
+  struct fast_route *rt = fast_route_new((uint32_t)rid, n);
+  if (!rt) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  rt->refs = 1;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value spec;
+    if (napi_get_element(env, argv[5], i, &spec) != napi_ok || !parse_target(env, spec, rt, i)) {
+      fast_route_unref(rt);
+      napi_throw_type_error(env, NULL, "fastLearn: a target is not [weight, policy, clusterSlot, maxConns, connectMs, idleMs, [[ip, port, weight, slot], ...]]");
+      return NULL;
+    }
+    rt->total += rt->weight[i];
+  }
+  if (!l->fast && !(l->fast = calloc(1, sizeof *l->fast))) {
+    fast_route_unref(rt);
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  l->fast->max_hello = (size_t)max_hello;
+  l->fast->log = log;
+  bool ok = fast_learn(l->fast, t == napi_null ? NULL : sni, t == napi_null ? -1 : (int)sni_len, rt);
+  fast_route_unref(rt);
+  napi_value out;
+  napi_get_boolean(env, ok, &out);
+  return out;
+}
+
+/* fastForget(listenerId): the listener's learned routes go (connections on them go on). */
+static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
+  struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "fastForget(listenerId)");
+  if (!l) return NULL;
+  fast_table_free(l->fast);
+  l->fast = NULL;
+  return NULL;
+}
+
+/* scanHello(bytes, maxBytes) -> [kind ('need-more' | 'tls' | 'other'), sni, alpn (latin1), ech]:
+ * the relay's ClientHello reader on its own, for tests that hold it to client-hello.ts. */
+static napi_value js_scan_hello(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  bool is_buf = false;
+  void *data = NULL;
+  size_t len = 0;
+  int64_t max;
+  if (argc < 2 || napi_is_buffer(env, argv[0], &is_buf) != napi_ok || !is_buf || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok ||
+      get_int(env, argv[1], &max)) {
+    napi_throw_type_error(env, NULL, "scanHello(bytes, maxBytes)");
+    return NULL;
+  }
+  struct hello_cursor cur = { 0 };
+  struct hello_info hi;
+  enum hello_kind k = hello_scan(data, len, max > 0 ? (size_t)max : 0, &cur, &hi);
+  static const char *const KINDS[] = { "need-more", "tls", "other" };
+  napi_value out, v[4];
+  napi_create_array_with_length(env, 4, &out);
+  napi_create_string_utf8(env, KINDS[k], NAPI_AUTO_LENGTH, &v[0]);
+  napi_get_undefined(env, &v[1]);
+  napi_get_undefined(env, &v[2]);
+  napi_get_boolean(env, false, &v[3]);
+  if (k == HELLO_TLS) {
+    if (hi.sni_len >= 0) napi_create_string_latin1(env, hi.sni, (size_t)hi.sni_len, &v[1]);
+    napi_create_string_latin1(env, (const char *)hi.alpn, hi.alpn_len, &v[2]);
+    napi_get_boolean(env, hi.ech, &v[3]);
+  }
+  for (uint32_t i = 0; i < 4; i++) napi_set_element(env, out, i, v[i]);
+  return out;
+}
+
 static void cleanup(void *arg);
 
 /* init(onDone): onDone(id, downRead, upWritten, upRead, downWritten, reason) once per connection,
@@ -1719,6 +2126,7 @@ static void cleanup(void *arg) {
     }
     for (struct conn *c = r->all; c;) {
       struct conn *n = c->next;
+      fast_route_unref(c->froute);
       free_conn_fds(r, c);
       free(c);
       c = n;
@@ -1754,10 +2162,12 @@ static void cleanup(void *arg) {
   while (r->listeners) {
     struct listener *l = r->listeners;
     r->listeners = l->next;
+    fast_table_free(l->fast);
     close_fd(&l->fd);
     free(l);
   }
   drain_pipe_pool(r);
+  free(r->recs);
   free(r);
 }
 
@@ -1766,6 +2176,7 @@ static napi_value init_module(napi_env env, napi_value exports) {
   if (!r) return exports;
   r->ep = -1;
   r->next_deadline = -1;
+  r->fast_due = -1;
   r->timer_due = -1;
   r->env = env;
   napi_property_descriptor props[] = {
@@ -1783,6 +2194,10 @@ static napi_value init_module(napi_env env, napi_value exports) {
     { "adopt", NULL, js_adopt, NULL, NULL, NULL, napi_enumerable, r },
     { "closeAccepted", NULL, js_close_accepted, NULL, NULL, NULL, napi_enumerable, r },
     { "acceptedConnect", NULL, js_accepted_connect, NULL, NULL, NULL, napi_enumerable, r },
+    { "setFast", NULL, js_set_fast, NULL, NULL, NULL, napi_enumerable, r },
+    { "fastLearn", NULL, js_fast_learn, NULL, NULL, NULL, napi_enumerable, r },
+    { "fastForget", NULL, js_fast_forget, NULL, NULL, NULL, napi_enumerable, r },
+    { "scanHello", NULL, js_scan_hello, NULL, NULL, NULL, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_add_env_cleanup_hook(env, cleanup, r);

@@ -68,6 +68,7 @@ const HELP: Record<string, string> = {
   downstream_connections_refused_total: 'Connections closed before a filter chain took them, by reason',
   tls_handshakes_total: 'Downstream TLS handshakes by result and reason',
   tls_inspector_sni_found_total: 'ClientHellos with SNI',
+  native_routed_connections_total: 'Connections the native relay routed by an SNI it learned, with no call into JS',
   tls_inspector_sni_not_found_total: 'ClientHellos without SNI',
   tls_inspector_tls_not_found_total: 'Connections whose first bytes were not a ClientHello',
   tls_inspector_client_hello_too_large_total: 'ClientHellos over the size cap',

@@ -15,6 +15,7 @@ import { SecureContextCache } from './pki/context-cache.js';
 import { ClusterManager } from './upstream/cluster-manager.js';
 import { createHttpHandler } from './chain/http.js';
 import { handleConnect } from './chain/connect.js';
+import { forgetAllFastRoutes } from './chain/native-relay.js';
 
 export interface ApplyResult {
   ok: boolean;
@@ -385,7 +386,11 @@ export class DataPlane {
     const snapshot: Snapshot = { ...input, generation: ++this.#generation };
     const secretLookup = (n: string) => this.#certs.get(n);
     if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup });
-    else this.#clusters.update(snapshot.clusters);
+    else {
+      this.#clusters.update(snapshot.clusters);
+      // The addon's learned routes name the previous clusters' endpoints and slots.
+      forgetAllFastRoutes();
+    }
     const gen = new Generation(snapshot, this.#clusters, this.opts.telemetry, this.#certs, this.#contexts);
     gen.limits = { ...DEFAULT_LIMITS, ...this.opts.limits };
     // Build every terminating context now so a bad certificate fails the apply, not a handshake.

@@ -21,6 +21,7 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { activeSlots } from '../upstream/active-slots.js';
 
 export type RelayMode = 'auto' | 'native' | 'js';
 
@@ -86,7 +87,14 @@ interface Addon {
   start(downFd: number, upFd: number, idleTimeoutMs: number, downEof: boolean, upEof: boolean): number;
   connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer): number;
   stop(id: number): void;
+  setFast?(onFast: (count: number, extras: unknown[] | undefined) => void, records: Float64Array, slots: Int32Array): void;
+  fastLearn?(lid: number, sni: string | null, maxHelloBytes: number, log: boolean, routeId: number, targets: FastTargetSpec[]): boolean;
+  fastForget?(lid: number): void;
+  scanHello?(bytes: Buffer, maxBytes: number): [string, string | undefined, string | undefined, boolean];
 }
+
+/** One target of a learned route, as the addon takes it (see fastLearn in native/relay.c). */
+type FastTargetSpec = [number, number, number, number, number, number, [string, number, number, number][]];
 
 let addon: Addon | undefined;
 let loadError: string | undefined;
@@ -108,6 +116,132 @@ let decided = 0;
 /** Accepting listeners: their hello handlers. */
 const acceptors = new Map<number, (h: AcceptedHello) => void>();
 const EMPTY = Buffer.alloc(0);
+
+// ---- learned routes -----------------------------------------------------------------------------
+
+/** Doubles per record in `fastRecords` (FAST_STRIDE in native/relay.c). */
+export const FAST_STRIDE = 14;
+export const FAST_START = 1;
+export const FAST_CONNECTED = 2;
+export const FAST_END = 3;
+/** END records carry the reason as an index into this list (enum reason in native/relay.c). */
+export const FAST_REASONS: readonly NativeRelayResult['reason'][] = ['ok', 'downstream_reset', 'upstream_reset', 'idle_timeout', 'stopped',
+  'internal_error', 'upstream_connect_failed', 'upstream_connect_timeout'];
+const fastRecords = new Float64Array(FAST_STRIDE * 1024);
+
+/**
+ * What JS does for each record of a learned route's connections (counters, the access log):
+ * `buf[at ...]` is one record (FAST_STRIDE doubles); `extras` holds a START's addresses and hello
+ * fields from `buf[at + 10]` on, when the route was learned with `log`.
+ */
+export type FastRouteHandler = (buf: Float64Array, at: number, extras: unknown[] | undefined) => void;
+
+interface LearnedRoute {
+  handler: FastRouteHandler;
+  /** Connections started on it and not yet ended. */
+  live: number;
+  forgotten: boolean;
+}
+const fastRoutes = new Map<number, LearnedRoute>();
+/** Per listener: the route each learned SNI ('' for none: key '\0') has now. */
+const learnedBy = new Map<number, Map<string, number>>();
+let nextRouteId = 0;
+/** TLSGATE_NATIVE_ROUTES=0: JS routes every accepted connection itself (for comparisons). */
+const fastEnabled = process.env.TLSGATE_NATIVE_ROUTES !== '0';
+let fastStarted = 0;
+
+function onFast(count: number, extras: unknown[] | undefined): void {
+  const buf = fastRecords;
+  for (let i = 0; i < count; i++) {
+    const at = i * FAST_STRIDE;
+    const id = buf[at + 2]!;
+    const r = fastRoutes.get(id);
+    if (r === undefined) continue;
+    const kind = buf[at]!;
+    if (kind === FAST_START) {
+      r.live++;
+      fastStarted++;
+    } else if (kind === FAST_END && --r.live === 0 && r.forgotten) {
+      fastRoutes.delete(id);
+    }
+    try {
+      r.handler(buf, at, extras);
+    } catch {
+      // As with every report: a handler never takes the process down.
+    }
+  }
+}
+
+/** True when the addon can route accepted connections by itself (learned routes). */
+export function fastRoutesAvailable(): boolean {
+  return addon?.fastLearn !== undefined && fastWired && fastEnabled;
+}
+let fastWired = false;
+
+/**
+ * The addon routes connections on listener `lid` whose ClientHello names `sni` (undefined: no
+ * SNI) by itself from now on: a weighted pick of `targets`, an endpoint by each cluster's policy,
+ * dial and relay; `handler` gets the records. Replaces what the SNI had. False when the
+ * listener's table is full or the addon cannot.
+ */
+export function learnFastRoute(lid: number, sni: string | undefined, opts: { maxHelloBytes: number; log: boolean },
+  targets: FastTargetSpec[], handler: FastRouteHandler): boolean {
+  const a = addon;
+  if (!a?.fastLearn || !fastWired || !fastEnabled) return false;
+  const id = ++nextRouteId;
+  try {
+    if (!a.fastLearn(lid, sni ?? null, Math.max(0, Math.floor(opts.maxHelloBytes)), opts.log, id, targets)) return false;
+  } catch {
+    return false; // a target the addon cannot take (JS keeps routing this SNI)
+  }
+  fastRoutes.set(id, { handler, live: 0, forgotten: false });
+  let m = learnedBy.get(lid);
+  if (m === undefined) learnedBy.set(lid, (m = new Map()));
+  const key = sni ?? '\0';
+  const prev = m.get(key);
+  if (prev !== undefined) retire(prev);
+  m.set(key, id);
+  return true;
+}
+
+/** Whether listener `lid` has a learned route for `sni` now. */
+export function fastRouteLearned(lid: number, sni: string | undefined): boolean {
+  return learnedBy.get(lid)?.has(sni ?? '\0') === true;
+}
+
+function retire(id: number): void {
+  const r = fastRoutes.get(id);
+  if (r === undefined) return;
+  r.forgotten = true;
+  if (r.live === 0) fastRoutes.delete(id);
+}
+
+/** Listener `lid`'s learned routes go (a new config); connections on them go on and still report. */
+export function forgetFastRoutes(lid: number): void {
+  const m = learnedBy.get(lid);
+  if (m === undefined) return;
+  learnedBy.delete(lid);
+  for (const id of m.values()) retire(id);
+  addon?.fastForget?.(lid);
+}
+
+/** Every listener's learned routes go (clusters or endpoints changed). */
+export function forgetAllFastRoutes(): void {
+  for (const lid of [...learnedBy.keys()]) forgetFastRoutes(lid);
+}
+
+/** Connections started on learned routes so far, and routes held (tests, diagnostics). */
+export function fastRouteStats(): { started: number; routes: number } {
+  return { started: fastStarted, routes: fastRoutes.size };
+}
+
+/** The addon's own ClientHello reader (tests hold it to client-hello.ts); undefined without the addon. */
+export function scanHelloNative(bytes: Buffer, maxBytes: number): { kind: string; sni?: string; alpn?: string; ech: boolean } | undefined {
+  const a = load();
+  if (!a?.scanHello) return undefined;
+  const [kind, sni, alpn, ech] = a.scanHello(bytes, maxBytes);
+  return { kind, ...(sni !== undefined ? { sni } : {}), ...(alpn !== undefined ? { alpn } : {}), ech };
+}
 
 /** build/Release/relay.node from the package root (this file is dist/src/runtime/chain/ when compiled). */
 function addonPath(): string {
@@ -169,6 +303,10 @@ function load(): Addon | undefined {
         try { a.closeAccepted(id); } catch { /* decided after all */ }
       }
     }, helloBuffer);
+    if (a.setFast) {
+      a.setFast(onFast, fastRecords, activeSlots);
+      fastWired = true;
+    }
     addon = a;
   } catch (e) {
     loadError = (e as Error).message;

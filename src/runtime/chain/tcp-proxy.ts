@@ -32,7 +32,9 @@ import type { ConnectionInfo } from '../connection-info.js';
 import { isoTime } from '../iso-time.js';
 import type { Reason, Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
-import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult } from './native-relay.js';
+import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult,
+  FAST_CONNECTED, FAST_END, FAST_REASONS, FAST_START, type FastRouteHandler } from './native-relay.js';
+import type { FastClusterTarget } from '../upstream/cluster-manager.js';
 
 /** An endpoint picked and counted active for one connection that the native relay dials itself. */
 export interface TcpReservation {
@@ -57,6 +59,8 @@ export interface TcpConnector {
   reserveTcp?(cluster: string): TcpReservation | (Error & { reason?: Reason; code?: string }) | undefined;
   /** The cluster's settings (PROXY protocol toward it). */
   get?(cluster: string): Cluster | undefined;
+  /** What the native relay needs to pick and dial this cluster's endpoints by itself (learned routes). */
+  fastTarget?(cluster: string): FastClusterTarget | undefined;
 }
 
 /** The PROXY header announcing the downstream client to an upstream that asked for one. */
@@ -197,9 +201,96 @@ function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, 
     durationMs: Date.now() - info.startMs,
     reason,
   });
-  telemetry.count('tcp_connections_total', { listener: info.listener, reason });
-  if (bytes.received > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'received' }, bytes.received);
-  if (bytes.sent > 0) telemetry.count('downstream_bytes_total', { listener: info.listener, direction: 'sent' }, bytes.sent);
+  countTcpEnd(telemetry, info.listener, bytes, reason);
+}
+
+/** The end-of-connection counters of a proxied TCP connection. */
+function countTcpEnd(telemetry: Telemetry, listener: string, bytes: TcpBytes, reason: Reason): void {
+  telemetry.count('tcp_connections_total', { listener, reason });
+  if (bytes.received > 0) telemetry.count('downstream_bytes_total', { listener, direction: 'received' }, bytes.received);
+  if (bytes.sent > 0) telemetry.count('downstream_bytes_total', { listener, direction: 'sent' }, bytes.sent);
+}
+
+/** What a learned route's records are accounted with (see fastRouteHandler). */
+export interface FastRouteContext {
+  telemetry: Telemetry;
+  listener: string;
+  chain: string;
+  proxy: TcpProxy;
+  /** Per target: the cluster, and its endpoints' labels in the order the addon was given them. */
+  clusters: string[];
+  endpoints: string[][];
+  /** What a routed hello counts before it is proxied (downstream connections, the SNI, the chain). */
+  onStart(): void;
+  /** A start record's connection info (access log on), from the addresses the addon read. */
+  newInfo(remoteAddress: string, remotePort: number, localAddress: string, localPort: number, ageMs: number): ConnectionInfo;
+  /** The route was learned without the access log, which is on now: learn it again. */
+  stale(): void;
+}
+
+/** ALPN protocol names from the extension's list as sent (length-prefixed, latin1). */
+function decodeAlpn(list: string): string[] {
+  const out: string[] = [];
+  for (let p = 0; p < list.length;) {
+    const n = list.charCodeAt(p);
+    out.push(list.slice(p + 1, p + 1 + n));
+    p += 1 + n;
+  }
+  return out;
+}
+
+/**
+ * The accounting of connections the native relay routed by itself on a learned route: the same
+ * counters, gauge, histogram and access-log entry proxyTcpAccepted gives a connection JS routed
+ * (the endpoint counts are the addon's own, in the shared slots).
+ */
+export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
+  const { telemetry, proxy } = ctx;
+  const listenerLabels = { listener: ctx.listener };
+  const clusterLabels = ctx.clusters.map((cluster) => ({ cluster }));
+  /** Connections with an access-log entry to come: their info, and the endpoint once connected. */
+  const open = new Map<number, { info: ConnectionInfo; endpoint: string }>();
+  return (buf, at, extras) => {
+    const kind = buf[at]!;
+    const target = buf[at + 3]!;
+    const id = buf[at + 11]!;
+    if (kind === FAST_START) {
+      ctx.onStart();
+      telemetry.gauge('downstream_connections_active', 1, listenerLabels);
+      const x = buf[at + 10]!;
+      if (x >= 0 && extras !== undefined) {
+        const info = ctx.newInfo(extras[x] as string, extras[x + 1] as number, extras[x + 2] as string, extras[x + 3] as number, buf[at + 12]!);
+        const sni = extras[x + 4] as string | undefined;
+        if (sni !== undefined) info.sni = sni;
+        info.alpnOffered = decodeAlpn(extras[x + 5] as string);
+        if (extras[x + 6] === true) info.ech = true;
+        info.chain = ctx.chain;
+        open.set(id, { info, endpoint: '' });
+      } else if (telemetry.accessLogEnabled === true) {
+        ctx.stale();
+      }
+      return;
+    }
+    if (kind === FAST_CONNECTED) {
+      telemetry.observe('upstream_connect_seconds', buf[at + 5]! / 1000, clusterLabels[target]);
+      const o = open.get(id);
+      if (o !== undefined) o.endpoint = ctx.endpoints[target]?.[buf[at + 4]!] ?? '';
+      return;
+    }
+    if (kind !== FAST_END) return;
+    const native = FAST_REASONS[buf[at + 5]!] ?? 'internal_error';
+    if (native === 'upstream_connect_failed' || native === 'upstream_connect_timeout') telemetry.count('upstream_connect_errors_total', clusterLabels[target]);
+    const reason: Reason = native === 'ok' || native === 'stopped' ? 'ok' : native;
+    telemetry.gauge('downstream_connections_active', -1, listenerLabels);
+    const bytes = { received: buf[at + 10]! + buf[at + 6]!, sent: buf[at + 9]!, upstreamSent: buf[at + 7]!, upstreamReceived: buf[at + 8]! };
+    const o = open.get(id);
+    if (o === undefined) {
+      countTcpEnd(telemetry, ctx.listener, bytes, reason);
+      return;
+    }
+    open.delete(id);
+    logTcpEnd(telemetry, o.info, proxy, ctx.clusters[target], o.endpoint, bytes, reason);
+  };
 }
 
 /**

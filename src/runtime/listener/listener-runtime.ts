@@ -21,10 +21,11 @@ import { readClientHello, type ClientHelloResult } from './client-hello.js';
 import { readProxyHeader, trustedMatcher } from './proxy-protocol.js';
 import { tlsAlert, ALERT_UNRECOGNIZED_NAME, ALERT_HANDSHAKE_FAILURE, ALERT_INTERNAL_ERROR } from './tls-alert.js';
 import { selectFilterChain } from './chain-select.js';
-import { pickWeighted, proxyTcp, proxyTcpAccepted, type TcpConnector } from '../chain/tcp-proxy.js';
+import { fastRouteHandler, pickWeighted, proxyTcp, proxyTcpAccepted, type TcpConnector } from '../chain/tcp-proxy.js';
 import {
   adoptAccepted, closeAccepted, closeNativeListenerConnections, configureNativeListener, forgetNativeListener, listenNative, moreAccepted, nativeAcceptInUse,
   nativeListenerStats, releaseAccepted, unlistenNative, type AcceptedHello, type NativeListenerLimits,
+  fastRouteLearned, fastRoutesAvailable, forgetFastRoutes, learnFastRoute,
 } from '../chain/native-relay.js';
 import { ClientHelloScanner, RECORD_HEADER_LENGTH, resultOf } from './client-hello.js';
 import { checkPeerCertificate, handshakeVerification } from '../pki/verify.js';
@@ -105,6 +106,21 @@ function labelsOf(config: Listener): ListenerLabels {
     labelsByListener.set(config, l);
   }
   return l;
+}
+
+/**
+ * Whether a TLS hello's filter chain on this listener follows from its SNI alone, so the native
+ * relay may remember SNI -> route: no chain matches on ALPN, and a chain matching destination
+ * subnets only where every connection has the same local address (a listener not on a wildcard).
+ */
+const routesBySni = new WeakMap<Listener, boolean>();
+function routedBySniAlone(config: Listener, fixedLocal: boolean): boolean {
+  let ok = routesBySni.get(config);
+  if (ok === undefined) {
+    ok = config.filterChains.every((fc) => fc.match.applicationProtocols.length === 0 && (fixedLocal || !fc.match.destinationSubnets?.length));
+    routesBySni.set(config, ok);
+  }
+  return ok;
 }
 
 function chainLabels(config: Listener, chain: FilterChain, transport: 'tls' | 'raw_buffer'): Labels {
@@ -233,6 +249,8 @@ export class ListenerRuntime {
     this.#state = state;
     const n = this.#native;
     if (n === undefined) return;
+    // What the addon learned was routed by the previous config and clusters.
+    forgetFastRoutes(n.lid);
     if (acceptsNatively(state.config)) {
       configureNativeListener(n.lid, nativeLimits(state.config, state.runtime));
       return;
@@ -292,6 +310,7 @@ export class ListenerRuntime {
   #stopNative(toNode: boolean): void {
     const n = this.#native!;
     this.#native = undefined;
+    forgetFastRoutes(n.lid);
     n.unhook();
     this.#nativeStats(n.lid);
     let fd = -1;
@@ -386,7 +405,10 @@ export class ListenerRuntime {
         const env = { clusters: runtime.clusters, telemetry: runtime.telemetry };
         runtime.telemetry.count(hello.sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
         runtime.telemetry.count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
-        if (proxyTcpAccepted(h.id, view.length, chain.filter, target, info, env)) return;
+        if (proxyTcpAccepted(h.id, view.length, chain.filter, target, info, env)) {
+          this.#learnRoute(lid, hello.sni, chain, state);
+          return;
+        }
         // The socket path for this one, with the same pick (a weighted split stays as configured).
         const socket = this.#adopt(lid, h.id, info, view.length);
         if (socket === undefined) return;
@@ -404,6 +426,49 @@ export class ListenerRuntime {
     if (socket === undefined) return;
     hello.bytes = Buffer.from(view); // replayed later: its own copy
     this.#onHello(socket, hello, info, state);
+  }
+
+  /**
+   * Lets the addon route the next connections naming `sni` itself, as JS just routed this one:
+   * when the chain follows from the SNI alone and every cluster of its TCP proxy is one the addon
+   * can pick endpoints of (fastTarget). Learned once per SNI and config.
+   */
+  #learnRoute(lid: number, sni: string | undefined, chain: FilterChain, state: ListenerState): void {
+    const { config, runtime } = state;
+    if (chain.filter.kind !== 'tcp' || !fastRoutesAvailable() || fastRouteLearned(lid, sni) || !routedBySniAlone(config, this.#local !== undefined)) return;
+    const proxy = chain.filter;
+    const { clusters, telemetry } = runtime;
+    const targets: Parameters<typeof learnFastRoute>[3] = [];
+    const names: string[] = [];
+    const endpoints: string[][] = [];
+    for (const w of proxy.clusters) {
+      const t = clusters.fastTarget?.(w.cluster);
+      const c = clusters.get?.(w.cluster);
+      if (t === undefined || c === undefined) return;
+      targets.push([w.weight, t.policy, t.clusterSlot, t.maxConnections, t.connectTimeoutMs, c.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs, t.hosts]);
+      names.push(w.cluster);
+      endpoints.push(t.labels);
+    }
+    const count = (name: string, labels: Record<string, string>) => telemetry.counter?.(name, labels) ?? ((by?: number) => telemetry.count(name, labels, by));
+    const downstream = count('downstream_connections_total', labelsOf(config).listener);
+    const inspected = count(sni !== undefined ? 'tls_inspector_sni_found_total' : 'tls_inspector_sni_not_found_total', labelsOf(config).listener);
+    const routed = count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
+    const native = count('native_routed_connections_total', labelsOf(config).listener);
+    learnFastRoute(lid, sni, { maxHelloBytes: config.maxClientHelloBytes, log: telemetry.accessLogEnabled !== false }, targets, fastRouteHandler({
+      telemetry, listener: config.name, chain: chain.name, proxy, clusters: names, endpoints,
+      onStart: () => {
+        downstream();
+        inspected();
+        routed();
+        native();
+      },
+      newInfo: (ra, rp, la, lp, ageMs) => {
+        const info = this.#newInfo(config, ra, rp, la, lp);
+        if (ageMs > 0) info.startMs -= Math.round(ageMs);
+        return info;
+      },
+      stale: () => forgetFastRoutes(lid),
+    }));
   }
 
   /**

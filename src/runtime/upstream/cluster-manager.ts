@@ -36,6 +36,7 @@ import type { Connector, PoolHandler, PoolRequest, UpstreamPool } from './pool.j
 import { AlpnPool } from './alpn-pool.js';
 import { H2Pool } from './h2-pool.js';
 import { createLoadBalancer, type LoadBalancer } from './load-balancer.js';
+import { activeSlots, claimSlot, transferSlot } from './active-slots.js';
 
 // ------------------------------------------------------------------ public types
 
@@ -307,7 +308,9 @@ type TaggedError = Error & { code?: string; [kReason]?: Reason };
 
 /** One endpoint address (after DNS) and its pool(s); shared by clusters with identical settings. */
 class Host {
-  active = 0;
+  /** Where `active` lives (see active-slots.ts); -1: a field of its own (every slot taken). */
+  #slot: number;
+  #active = 0;
   pool: UpstreamPool | undefined;
   /** The h2c pool of an httpProtocol 'downstream' cluster, for requests that arrived as HTTP/2. */
   h2Pool: UpstreamPool | undefined;
@@ -321,6 +324,32 @@ class Host {
     readonly settings: ClusterSettings,
   ) {
     this.label = address.startsWith('/') ? address : `${net.isIPv6(address) ? `[${address}]` : address}:${port}`;
+    this.#slot = claimSlot(this);
+  }
+
+  /** Requests or connections in flight, the native relay's included. */
+  get active(): number {
+    return this.#slot >= 0 ? activeSlots[this.#slot]! : this.#active;
+  }
+
+  set active(n: number) {
+    if (this.#slot >= 0) activeSlots[this.#slot] = n;
+    else this.#active = n;
+  }
+
+  get slot(): number {
+    return this.#slot;
+  }
+
+  /** Replaces `prev` (same endpoint, new weight): its count, and its slot, which the addon may still count in. */
+  takeOver(prev: Host): void {
+    if (prev.#slot >= 0) {
+      transferSlot(prev, this, prev.#slot, this.#slot);
+      this.#slot = prev.#slot;
+      prev.#slot = -1;
+    } else {
+      this.active = prev.#active;
+    }
   }
 }
 
@@ -333,7 +362,9 @@ interface ClusterSettings {
 
 class ClusterState {
   readonly lb: LoadBalancer<Host>;
-  active = 0;
+  /** Where `active` lives (see active-slots.ts); -1: a field of its own. */
+  readonly slot: number;
+  #active = 0;
   pending = 0;
   /** STATIC: computed once; DNS: rebuilt when the resolved addresses change. */
   hosts: Host[] = [];
@@ -347,7 +378,18 @@ class ClusterState {
   /** SNI without autoSni (it does not depend on the request), once known; null until then. */
   fixedSni: string | undefined | null = null;
 
+  /** Connections or requests in flight, the native relay's included. */
+  get active(): number {
+    return this.slot >= 0 ? activeSlots[this.slot]! : this.#active;
+  }
+
+  set active(n: number) {
+    if (this.slot >= 0) activeSlots[this.slot] = n;
+    else this.#active = n;
+  }
+
   constructor(readonly cluster: Cluster, random: (() => number) | undefined) {
+    this.slot = claimSlot(this);
     this.lb = createLoadBalancer<Host>(cluster.lbPolicy, random === undefined ? {} : { random });
     this.settings = {
       cluster,
@@ -446,7 +488,7 @@ export class ClusterManager {
           if (prev !== undefined) {
             h.pool = prev.pool;
             h.h2Pool = prev.h2Pool;
-            h.active = prev.active;
+            h.takeOver(prev);
           }
           this.#hosts.set(key, h);
         }
@@ -855,6 +897,29 @@ export class ClusterManager {
    * connectTcp must be used instead: TLS origination, endpoints that are not all IP addresses
    * (unix sockets), or a DNS answer not cached yet (nothing picked or counted then).
    */
+  /**
+   * A plain TCP cluster whose endpoints are fixed IP addresses, as the native relay needs it to
+   * pick and dial by itself: the policy, the endpoints and the slots their counts live in.
+   * Undefined for anything else (TLS origination, PROXY protocol, DNS, a unix socket, no
+   * endpoints): those stay with reserveTcp / connectTcp.
+   */
+  fastTarget(clusterName: string): FastClusterTarget | undefined {
+    const s = this.#clusters.get(clusterName);
+    if (this.#closed || s === undefined || s.slot < 0) return undefined;
+    const c = s.cluster;
+    if (c.tls !== undefined || c.proxyProtocol !== undefined || c.invalidBackend !== undefined || c.discovery !== 'STATIC') return undefined;
+    const hosts = s.hosts;
+    if (hosts.length === 0 || !allIpLiterals(hosts) || hosts.some((h) => h.slot < 0)) return undefined;
+    return {
+      policy: POLICY_INDEX[s.lb.policy],
+      clusterSlot: s.slot,
+      maxConnections: c.limits.maxConnections ?? -1,
+      connectTimeoutMs: c.connectTimeoutMs > 0 ? c.connectTimeoutMs : 10_000,
+      hosts: hosts.map((h) => [h.address, h.port, h.weight, h.slot]),
+      labels: hosts.map((h) => h.label),
+    };
+  }
+
   reserveTcp(clusterName: string): { address: string; port: number; endpoint: string; timeoutMs: number; release(): void } | UpstreamError | undefined {
     const s = this.#clusters.get(clusterName);
     if (this.#closed || s === undefined) return new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' });
@@ -882,6 +947,21 @@ export class ClusterManager {
     };
   }
 }
+
+/** What the native relay needs to pick an endpoint of a cluster itself (see fastTarget). */
+export interface FastClusterTarget {
+  policy: 0 | 1 | 2;
+  clusterSlot: number;
+  /** -1: no limit. */
+  maxConnections: number;
+  connectTimeoutMs: number;
+  /** [address, port, weight, slot] per endpoint, in the balancer's order. */
+  hosts: [string, number, number, number][];
+  /** Each endpoint's "ip:port", for the access log. */
+  labels: string[];
+}
+
+const POLICY_INDEX = { ROUND_ROBIN: 0, LEAST_REQUEST: 1, RANDOM: 2 } as const;
 
 /** Host lists whose addresses are all IP literals without a zone (the native relay dials those). */
 const ipLiteralLists = new WeakMap<readonly { address: string }[], boolean>();
