@@ -1,0 +1,372 @@
+// Learned routes against the real CLI: once JS has routed a ClientHello to a plain TCP proxy, the
+// native relay routes the next connections naming the same SNI by itself. Real TLS clients and
+// upstreams on 127.0.0.1; what is checked is that those connections behave and are accounted as
+// JS-routed ones are: the upstream's own certificate and echo, access-log lines with the same
+// fields and exact byte counts, weighted splits, ROUND_ROBIN order, maxConnections counted across
+// both paths (the shared active counts), a ClientHello dripped one byte at a time, a reload that
+// moves the SNI, and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import tls from 'node:tls';
+import { certDir, makeCa, makeLeaf, type Ca } from '../helpers/certs.js';
+import { freePorts, sleep } from '../helpers/ports.js';
+import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
+import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
+import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
+
+const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
+
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms); });
+  return Promise.race([p, bound]).finally(() => clearTimeout(timer));
+}
+
+async function until<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, ms = 10_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) assert.fail(`${what}: not within ${ms} ms`);
+    await sleep(20);
+  }
+}
+
+function dial(port: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
+    s.once('error', reject);
+    s.once('connect', () => { s.off('error', reject); s.on('error', () => {}); resolve(s); });
+  });
+}
+
+interface Exchange { cn: string; reply: string; down: string; written: number; read: number }
+
+/** A TLS client through the gateway: handshake, one echoed line, close; wire bytes counted on the raw socket. */
+async function exchange(port: number, servername: string, ca: string, line = 'ping\n'): Promise<Exchange> {
+  const raw = await dial(port);
+  const down = `127.0.0.1:${raw.localPort}`;
+  const closed = new Promise((resolve) => raw.once('close', resolve));
+  const s = tls.connect({ socket: raw, servername, ca, ALPNProtocols: ['h2', 'http/1.1'] });
+  s.on('error', () => {});
+  try {
+    await within(once(s, 'secureConnect'), 5_000, `handshake with ${servername}`);
+    const cn = String(s.getPeerCertificate().subject?.CN);
+    let reply = '';
+    const echoed = new Promise<void>((resolve) => s.on('data', (c: Buffer) => { reply += c.toString(); if (reply.length >= line.length) resolve(); }));
+    s.write(line);
+    await within(echoed, 5_000, 'echo');
+    s.end();
+    await within(closed, 5_000, 'close after end');
+    return { cn, reply, down, written: raw.bytesWritten, read: raw.bytesRead };
+  } finally {
+    s.destroy();
+  }
+}
+
+async function metric(gw: Gateway, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const body = (await gw.admin('/stats/prometheus')).body;
+  let sum = 0;
+  for (const m of body.matchAll(new RegExp(`^tlsgate_${name}(?:\\{([^}]*)\\})? (\\S+)$`, 'gm'))) {
+    if (Object.entries(labels).every(([k, v]) => (m[1] ?? '').includes(`${k}="${v}"`))) sum += Number(m[2]);
+  }
+  return sum;
+}
+
+function entryFor(gw: Gateway, down: string): Promise<Record<string, unknown>> {
+  return until(`access-log entry for ${down}`, () => gw.accessLogs().filter((e) => e.downstream === down && e.kind === 'tcp').at(-1));
+}
+
+/** The first TLS record a Node client writes for `servername`: its whole ClientHello. */
+async function captureHello(servername: string): Promise<Buffer> {
+  const server = net.createServer();
+  const got = new Promise<Buffer>((resolve) => server.once('connection', (s: net.Socket) => {
+    s.on('error', () => {});
+    let buf = Buffer.alloc(0);
+    s.on('data', (c: Buffer) => {
+      buf = Buffer.concat([buf, c]);
+      if (buf.length >= 5 && buf.length >= 5 + buf.readUInt16BE(3)) { resolve(buf.subarray(0, 5 + buf.readUInt16BE(3))); s.destroy(); }
+    });
+  }));
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const c = tls.connect({ host: '127.0.0.1', port: (server.address() as net.AddressInfo).port, servername, rejectUnauthorized: false });
+  c.on('error', () => {});
+  try {
+    return await within(got, 5_000, 'ClientHello capture');
+  } finally {
+    c.destroy();
+    server.close();
+  }
+}
+
+/** A plain TCP upstream that keeps every connection open and records what each received. */
+async function startHolder(): Promise<{ port: number; conns: { socket: net.Socket; bytes: Buffer[] }[]; close(): void }> {
+  const conns: { socket: net.Socket; bytes: Buffer[] }[] = [];
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    socket.on('error', () => {});
+    const c = { socket, bytes: [] as Buffer[] };
+    socket.on('data', (b: Buffer) => c.bytes.push(b));
+    socket.on('end', () => socket.end());
+    conns.push(c);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { port: (server.address() as net.AddressInfo).port, conns, close: () => { server.close(); for (const c of conns) c.socket.destroy(); } };
+}
+
+function serviceEntry(name: string, host: string, ports: number[]): string {
+  return `apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ${name}}
+spec:
+  hosts: [${host}]
+  location: MESH_EXTERNAL
+  ports: [{number: 443, name: p, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [${ports.map((p) => `{address: 127.0.0.1, ports: {p: ${p}}}`).join(', ')}]
+`;
+}
+
+/** PASSTHROUGH on one port; `routes` maps an SNI to its route's destinations (host, weight). */
+function gateway(port: number, routes: Record<string, [string, number][]>): string {
+  const snis = Object.keys(routes);
+  return `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: ${port}, name: tls, protocol: TLS}
+    tls: {mode: PASSTHROUGH}
+    hosts: [${snis.join(', ')}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pass}
+spec:
+  hosts: [${snis.join(', ')}]
+  gateways: [gw]
+  tls:
+${snis.map((sni) => `  - match: [{sniHosts: [${sni}]}]
+    route: [${routes[sni]!.map(([host, weight]) => `{destination: {host: ${host}}, weight: ${weight}}`).join(', ')}]
+`).join('')}`;
+}
+
+describe('learned routes (native relay)', { skip: SKIP }, () => {
+  let dir: string;
+  let ca: Ca;
+  const echo: Record<'a' | 'b' | 'r1' | 'r2', TcpServer> = {} as never;
+  let holder: Awaited<ReturnType<typeof startHolder>>;
+  let helloHold: Buffer;
+  let helloDrip: Buffer;
+  let gw: Gateway;
+  let P: number;
+  let cfg: string;
+  const L = (): string => `127.0.0.1_${P}`;
+  const native = (): Promise<number> => metric(gw, 'native_routed_connections_total', { listener: L() });
+
+  const services = (): string => [
+    serviceEntry('a', 'a.upstream.local', [echo.a.port]),
+    serviceEntry('b', 'b.upstream.local', [echo.b.port]),
+    serviceEntry('rr', 'rr.upstream.local', [echo.r1.port, echo.r2.port]),
+    serviceEntry('hold', 'hold.upstream.local', [holder.port]),
+    `apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: rr}
+spec:
+  host: rr.upstream.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hold}
+spec:
+  host: hold.upstream.local
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 2}}}
+`,
+  ].join('---\n');
+
+  const mainRoutes = (aTo: string): Record<string, [string, number][]> => ({
+    'a.example.com': [[aTo, 100]],
+    'w.example.com': [['a.upstream.local', 75], ['b.upstream.local', 25]],
+    'rr.example.com': [['rr.upstream.local', 100]],
+    'hold.example.com': [['hold.upstream.local', 100]],
+    'drip.example.com': [['hold.upstream.local', 100]],
+  });
+
+  before(async () => {
+    dir = await mkdirTemp();
+    ca = await makeCa(dir, 'ca', '/O=learned routes/CN=lr-upstream-ca');
+    for (const [i, name] of (['a', 'b', 'r1', 'r2'] as const).entries()) {
+      const leaf = await makeLeaf(dir, ca, name, { cn: `${name}.upstream`, sans: ['DNS:a.example.com', 'DNS:w.example.com', 'DNS:rr.example.com'], serial: 10 + i });
+      echo[name] = await startTcpEcho({ tls: { cert: leaf.cert, key: leaf.key } });
+    }
+    holder = await startHolder();
+    helloHold = await captureHello('hold.example.com');
+    helloDrip = await captureHello('drip.example.com');
+    [P] = await freePorts(1) as [number];
+    cfg = path.join(dir, 'config');
+    await mkdir(cfg, { recursive: true });
+    await writeFile(path.join(cfg, 'services.yaml'), services());
+    await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes('a.upstream.local')));
+    gw = await startTlsgate({ configPaths: [cfg], args: ['--relay', 'native', '--drain-timeout', '1s'] });
+  });
+
+  after(async () => {
+    await gw?.stop();
+    holder?.close();
+    await Promise.all(Object.values(echo).map((e) => e.close()));
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  async function mkdirTemp(): Promise<string> {
+    return certDir('tlsgate-native-routes-');
+  }
+
+  it('the first connection for an SNI is routed by JS, the next ones by the relay: same upstream, same access-log fields, exact bytes', async () => {
+    const before = await native();
+    const runs: Exchange[] = [];
+    for (let i = 0; i < 10; i++) runs.push(await exchange(P, 'a.example.com', ca.certPem, `line ${i}\n`));
+    for (const [i, x] of runs.entries()) assert.deepEqual([x.cn, x.reply], ['a.upstream', `line ${i}\n`]);
+    assert.equal(await until('9 native routes counted', async () => ((await native()) - before >= 9 ? (await native()) - before : undefined)), 9);
+    const entries = await Promise.all(runs.map((x) => entryFor(gw, x.down)));
+    const fixed = (e: Record<string, unknown>) => ({ ...e, time: undefined, downstream: undefined, durationMs: undefined,
+      bytesReceived: undefined, bytesSent: undefined, upstreamBytesSent: undefined, upstreamBytesReceived: undefined });
+    for (const [i, e] of entries.entries()) {
+      // The JS-routed first line and the relay-routed ones carry the same fields and values.
+      assert.deepEqual(fixed(e), fixed(entries[0]!), `entry ${i}`);
+      assert.deepEqual([e.bytesReceived, e.bytesSent, e.upstreamBytesSent, e.upstreamBytesReceived], [runs[i]!.written, runs[i]!.read, runs[i]!.written, runs[i]!.read]);
+      assert.equal(typeof e.durationMs, 'number');
+    }
+    assert.deepEqual([entries[0]!.reason, entries[0]!.sni, entries[0]!.alpn, entries[0]!.upstream], ['ok', 'a.example.com', 'h2,http/1.1', `127.0.0.1:${echo.a.port}`]);
+    assert.equal(await metric(gw, 'tcp_connections_total', { listener: L(), reason: 'ok' }) >= 10, true);
+    assert.equal(await until('no open connection left', async () => ((await metric(gw, 'downstream_connections_active', { listener: L() })) === 0 ? 0 : undefined)), 0);
+  });
+
+  it('weights 75/25 hold for relay-routed connections', { timeout: 60_000 }, async () => {
+    const n = 160;
+    const seen = { a: 0, b: 0 };
+    for (let i = 0; i < n; i++) {
+      const x = await exchange(P, 'w.example.com', ca.certPem);
+      if (x.cn === 'a.upstream') seen.a++;
+      else if (x.cn === 'b.upstream') seen.b++;
+      else assert.fail(`unexpected upstream ${x.cn}`);
+    }
+    // Binomial(160, 0.25): mean 40, sd 5.5; these bounds are more than 4 sd wide.
+    assert.ok(seen.b >= 17 && seen.b <= 63, `b got ${seen.b} of ${n}`);
+    assert.equal(seen.a + seen.b, n);
+  });
+
+  it('ROUND_ROBIN over two endpoints alternates on relay-routed connections', { timeout: 30_000 }, async () => {
+    const order: string[] = [];
+    const before = await native();
+    for (let i = 0; i < 13; i++) order.push((await exchange(P, 'rr.example.com', ca.certPem)).cn);
+    await until('12 native routes', async () => ((await native()) - before >= 12 ? true : undefined));
+    const relayed = order.slice(1);
+    for (let i = 1; i < relayed.length; i++) assert.notEqual(relayed[i], relayed[i - 1], `order ${order.join(' ')}`);
+    assert.deepEqual(new Set(relayed), new Set(['r1.upstream', 'r2.upstream']));
+  });
+
+  it('maxConnections 2 counts JS- and relay-routed connections together: the third is refused, a slot freed is used again', { timeout: 30_000 }, async () => {
+    const start = holder.conns.length;
+    const nativeBefore = await native();
+    const held: net.Socket[] = [];
+    const hold = async (): Promise<net.Socket> => {
+      const s = await dial(P);
+      s.write(helloHold);
+      held.push(s);
+      return s;
+    };
+    try {
+      await hold(); // JS routes it and teaches the relay
+      await until('first upstream connection', () => (holder.conns.length >= start + 1 ? true : undefined));
+      await hold(); // the relay routes it
+      await until('second upstream connection', () => (holder.conns.length >= start + 2 ? true : undefined));
+      assert.equal((await native()) - nativeBefore, 1);
+      // The cluster is at 2: the relay declines, JS refuses with upstream_overflow.
+      const third = await dial(P);
+      const down3 = `127.0.0.1:${third.localPort}`;
+      third.write(helloHold);
+      const closed = new Promise((resolve) => { third.once('close', resolve); third.once('end', resolve); });
+      await within(closed, 5_000, 'the third connection closed');
+      assert.equal((await entryFor(gw, down3)).reason, 'upstream_overflow');
+      assert.equal(holder.conns.length, start + 2);
+      // One held connection ends; the next one is routed by the relay again.
+      held.shift()!.destroy();
+      await until('the slot freed', async () => {
+        const s = await hold();
+        const ok = await Promise.race([
+          until('upstream', () => (holder.conns.length >= start + 3 ? true : undefined), 1_000).then(() => true, () => false),
+          new Promise<boolean>((resolve) => s.once('close', () => resolve(false))),
+        ]);
+        return ok ? true : undefined;
+      });
+      assert.equal(holder.conns.length, start + 3);
+      // Every byte of the hello reached the upstream.
+      assert.ok(Buffer.concat(holder.conns[start + 2]!.bytes).equals(helloHold));
+    } finally {
+      for (const s of held) s.destroy();
+    }
+  });
+
+  it('a learned SNI whose ClientHello arrives one byte at a time is routed by the relay once it is whole', { timeout: 30_000 }, async () => {
+    // The held connections of the test before are gone (the cluster's count is back under its limit).
+    await until('no open connection left', async () => ((await metric(gw, 'downstream_connections_active', { listener: L() })) === 0 ? true : undefined));
+    // Teach the relay drip.example.com, then drip the same hello.
+    const first = await dial(P);
+    first.write(helloDrip);
+    const start = holder.conns.length;
+    await until('taught', () => (holder.conns.length > start ? true : undefined));
+    first.destroy();
+    const before = await native();
+    const s = await dial(P);
+    try {
+      for (let i = 0; i < helloDrip.length; i++) {
+        s.write(helloDrip.subarray(i, i + 1));
+        await sleep(1);
+      }
+      const up = await until('dripped hello upstream', () => {
+        const c = holder.conns[start + 1];
+        return c !== undefined && Buffer.concat(c.bytes).length >= helloDrip.length ? c : undefined;
+      });
+      assert.ok(Buffer.concat(up.bytes).equals(helloDrip));
+      assert.equal(await until('counted', async () => ((await native()) > before ? (await native()) - before : undefined)), 1);
+    } finally {
+      s.destroy();
+    }
+  });
+
+  it('a reload that sends the SNI elsewhere takes effect for the very next connection', { timeout: 30_000 }, async () => {
+    assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'a.upstream'); // learned
+    const gen = JSON.parse((await gw.admin('/config_dump')).body) as { generation: number };
+    await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes('b.upstream.local')));
+    await until('new generation', async () => ((JSON.parse((await gw.admin('/config_dump')).body) as { generation: number }).generation > gen.generation ? true : undefined));
+    for (let i = 0; i < 3; i++) assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'b.upstream');
+  });
+
+  describe('TLSGATE_NATIVE_ROUTES=0', () => {
+    let off: Gateway;
+    let Q: number;
+    before(async () => {
+      [Q] = await freePorts(1) as [number];
+      const c2 = path.join(dir, 'config-off');
+      await mkdir(c2, { recursive: true });
+      await writeFile(path.join(c2, 'services.yaml'), services());
+      await writeFile(path.join(c2, 'main.yaml'), gateway(Q, mainRoutes('a.upstream.local')));
+      off = await startTlsgate({ configPaths: [c2], env: { TLSGATE_NATIVE_ROUTES: '0' }, args: ['--relay', 'native'] });
+    });
+    after(async () => { await off?.stop(); });
+
+    it('JS routes every connection; the access log is the same', async () => {
+      const runs: Exchange[] = [];
+      for (let i = 0; i < 4; i++) runs.push(await exchange(Q, 'a.example.com', ca.certPem));
+      assert.ok(runs.every((x) => x.cn === 'a.upstream'));
+      const entries = await Promise.all(runs.map((x) => entryFor(off, x.down)));
+      assert.deepEqual(entries.map((e) => [e.reason, e.sni, e.alpn, e.upstream, e.bytesReceived]), runs.map((x) => ['ok', 'a.example.com', 'h2,http/1.1', `127.0.0.1:${echo.a.port}`, x.written]));
+      assert.equal(await metric(off, 'native_routed_connections_total'), 0);
+      assert.equal(await metric(off, 'tls_inspector_sni_found_total', { listener: `127.0.0.1_${Q}` }), 4);
+    });
+  });
+});
