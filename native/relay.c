@@ -262,7 +262,8 @@ struct relay {
 enum fast_kind { FAST_START = 1, FAST_CONNECTED, FAST_END };
 /* A record: kind, listener id, route id, target, endpoint, then by kind (START: ms from accept to
  * dial, hello bytes; CONNECTED: connect ms; END: reason, the four byte counts, hello bytes), [10]
- * START's extras index (-1: none), [11] the connection id, [12] ms since the accept. */
+ * START's extras index (-1: none), [11] the connection id, and as JS gets them, [12] ms since the
+ * accept and [13] ms since the record was made (records wait for their batch). */
 #define FAST_STRIDE 14
 struct fast_rec {
   double v[FAST_STRIDE];
@@ -421,7 +422,9 @@ static struct fast_rec *fast_rec(struct relay *r, struct conn *c, int kind) {
   f->v[3] = c->fpick.target;
   f->v[4] = c->fpick.host;
   f->v[11] = c->id;
-  f->v[12] = (double)(now_ms() - c->accept_ms);
+  /* Clock readings; turned into "ms ago" when the record is delivered. */
+  f->v[12] = (double)c->accept_ms;
+  f->v[13] = (double)now_ms();
   return f;
 }
 
@@ -1237,10 +1240,13 @@ static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool l
       napi_open_handle_scope(env, &each);
       napi_value extras = undef;
       uint32_t nx = 0;
+      double now = (double)now_ms();
       for (size_t k = 0; k < n; k++) {
         struct fast_rec *f = &r->recs[i + k];
         double *out = r->fast_buf + k * FAST_STRIDE;
         memcpy(out, f->v, sizeof f->v);
+        out[12] = now - f->v[12];
+        out[13] = now - f->v[13];
         if (f->v[0] == FAST_START) out[10] = -1;
         if (f->extras) {
           if (nx == 0) napi_create_array(env, &extras);

@@ -177,7 +177,7 @@ interface TcpBytes {
 
 /** The one access-log entry and the end-of-connection counters of a proxied TCP connection. */
 function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
-  bytes: TcpBytes, reason: Reason): void {
+  bytes: TcpBytes, reason: Reason, endMs = Date.now()): void {
   telemetry.accessLog({
     time: isoTime(info.startMs),
     kind: 'tcp',
@@ -198,7 +198,7 @@ function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, 
     bytesSent: bytes.sent,
     upstreamBytesSent: bytes.upstreamSent,
     upstreamBytesReceived: bytes.upstreamReceived,
-    durationMs: Date.now() - info.startMs,
+    durationMs: endMs - info.startMs,
     reason,
   });
   countTcpEnd(telemetry, info.listener, bytes, reason);
@@ -289,7 +289,8 @@ export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
       return;
     }
     open.delete(id);
-    logTcpEnd(telemetry, o.info, proxy, ctx.clusters[target], o.endpoint, bytes, reason);
+    // The end as the relay saw it (the record may have waited for its batch).
+    logTcpEnd(telemetry, o.info, proxy, ctx.clusters[target], o.endpoint, bytes, reason, Date.now() - buf[at + 13]!);
   };
 }
 
