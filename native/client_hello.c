@@ -41,6 +41,7 @@ static bool host_name(const uint8_t *b, size_t s, size_t e, struct hello_info *o
     else if (ch >= 'A' && ch <= 'Z') out->sni[i] = (char)(ch + 32);
     else return false;
   }
+  if (prev_dot) return false; /* an empty last label ("a.example.com..") */
   out->sni[n] = '\0';
   out->sni_len = (int)n;
   return true;

@@ -361,6 +361,8 @@ function hostName(b: Buffer, s: number, e: number): string | ParseState {
     }
     return malformed(`host_name contains byte 0x${ch.toString(16).padStart(2, '0')}`);
   }
+  // "a.example.com.." has an empty last label once the one trailing dot is dropped.
+  if (prevDot) return malformed('host_name has an empty label');
   const str = b.toString('latin1', s, e);
   return upper ? str.toLowerCase() : str;
 }

@@ -185,6 +185,7 @@ test('malformed framing and fields are reported, not thrown', () => {
     ['SNI NUL', frame(helloMsg([sniExt(Buffer.from([0x61, 0, 0x62]))])), 'byte 0x00'],
     ['SNI empty label', frame(helloMsg([sniExt('a..b')])), 'empty label'],
     ['SNI leading dot', frame(helloMsg([sniExt('.a')])), 'empty label'],
+    ['SNI two trailing dots', frame(helloMsg([sniExt('a.example.com..')])), 'empty label'],
     ['SNI empty', frame(helloMsg([sniExt('')])), 'out of range'],
     ['SNI too long', frame(helloMsg([sniExt('a'.repeat(254))])), 'out of range'],
     ['two SNI extensions', frame(helloMsg([sniExt('a'), sniExt('b')])), 'duplicate server_name'],
