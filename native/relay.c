@@ -737,24 +737,24 @@ static void deliver_hello(struct relay *r, struct conn *c, int status) {
   push_result(r, res);
 }
 
-/*
- * A listener with learned routes looks at the hello itself: true when the connection was dialled
- * on one, or the hello is still incomplete (its next bytes come with an edge, and the hello
- * timeout still applies); false when JS decides, on every byte read so far.
- */
-static bool fast_try(struct relay *r, struct conn *c) {
+/* What fast_try did: nothing (JS decides, on every byte read so far), dialled on a learned
+ * route, or nothing yet because the hello is incomplete (the hello timeout still applies). */
+enum fast_outcome { FAST_TO_JS = 0, FAST_DIALLED, FAST_WAIT };
+
+/* A listener with learned routes looks at the hello itself. */
+static enum fast_outcome fast_try(struct relay *r, struct conn *c) {
   struct fast_table *t = c->lst->fast;
   struct hello_info hi;
   enum hello_kind k = hello_scan(c->hello, c->hello_len, t->max_hello, &c->cursor, &hi);
-  if (k == HELLO_NEED_MORE) return c->hello_len < c->hello_limit;
-  if (k != HELLO_TLS) return false;
+  if (k == HELLO_NEED_MORE) return c->hello_len < c->hello_limit ? FAST_WAIT : FAST_TO_JS;
+  if (k != HELLO_TLS) return FAST_TO_JS;
   struct fast_route *rt = fast_lookup(t, hi.sni_len >= 0 ? hi.sni : NULL, hi.sni_len);
   struct fast_pick pk;
-  if (!rt || !fast_pick(rt, r->slots, r->nslots, &r->rng, &pk)) return false;
+  if (!rt || !fast_pick(rt, r->slots, r->nslots, &r->rng, &pk)) return FAST_TO_JS;
   if (!make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
     drop_pipe(r, &c->d2u);
     drop_pipe(r, &c->u2d);
-    return false;
+    return FAST_TO_JS;
   }
   struct fast_cluster *cl = &rt->clusters[pk.target];
   struct fast_host *h = &cl->hosts[pk.host];
@@ -789,7 +789,7 @@ static bool fast_try(struct relay *r, struct conn *c) {
   }
   relay_ref(r);
   add_conn(r, c);
-  return true;
+  return FAST_DIALLED;
 }
 
 /*
@@ -835,8 +835,14 @@ static void hello_read(struct relay *r, struct conn *c) {
     }
     break;
   }
-  /* Nothing reported yet: a learned route may take it (or the rest of its hello is awaited here). */
-  if (status < 0 && c->hello_sent == 0 && c->lst->fast && c->lst->fast->count && fast_try(r, c)) return;
+  /* Nothing reported yet: a learned route may take it, or the rest of its hello is awaited here.
+   * While waiting, a FIN that may be queued behind the bytes (rd still set: no edge will announce
+   * it again) is read now; that read either brings bytes or ends the wait. */
+  if (status < 0 && c->hello_sent == 0 && c->lst->fast && c->lst->fast->count) {
+    enum fast_outcome f = fast_try(r, c);
+    if (f == FAST_WAIT && c->d2u.rd) hello_read(r, c);
+    if (f != FAST_TO_JS) return;
+  }
   if (status >= 0 || c->hello_len > c->hello_sent) deliver_hello(r, c, status >= 0 ? status : HELLO_DATA);
 }
 

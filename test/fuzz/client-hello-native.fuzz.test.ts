@@ -24,12 +24,13 @@
  */
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
-import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { isDeepStrictEqual } from 'node:util';
 import { parseClientHello, type ParseState } from '../../src/runtime/listener/client-hello.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason, scanHelloNative } from '../../src/runtime/chain/native-relay.js';
+import { seededRandom } from '../../src/runtime/upstream/load-balancer.js';
+import { alpnExt, captureHello, ext, sniExt, u16, u24, u8 } from '../helpers/tls-wire.js';
 
 const SEED = Number.isInteger(Number(process.env.FUZZ_SEED)) && process.env.FUZZ_SEED !== undefined && process.env.FUZZ_SEED !== ''
   ? Number(process.env.FUZZ_SEED) >>> 0
@@ -50,21 +51,10 @@ const SKIP: string | false = !nativeRelayAvailable()
 
 // ---------------------------------------------------------------- seeded randomness
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 class Rng {
   readonly #next: () => number;
   constructor(seed: number) {
-    this.#next = mulberry32(seed);
+    this.#next = seededRandom(seed);
   }
   /** Integer in [0, n). */
   int(n: number): number {
@@ -192,24 +182,6 @@ class Differ {
 
 // ---------------------------------------------------------------- building hellos
 
-const u8 = (n: number): Buffer => Buffer.from([n & 0xff]);
-const u16 = (n: number): Buffer => Buffer.from([(n >> 8) & 0xff, n & 0xff]);
-const u24 = (n: number): Buffer => Buffer.from([(n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff]);
-
-function ext(type: number, body: Buffer): Buffer {
-  return Buffer.concat([u16(type), u16(body.length), body]);
-}
-function sniExt(name: string | Buffer): Buffer {
-  const n = typeof name === 'string' ? Buffer.from(name, 'latin1') : name;
-  return ext(0, Buffer.concat([u16(n.length + 3), u8(0), u16(n.length), n]));
-}
-function alpnExt(names: readonly (string | Buffer)[]): Buffer {
-  const list = Buffer.concat(names.map((p) => {
-    const b = typeof p === 'string' ? Buffer.from(p, 'latin1') : p;
-    return Buffer.concat([u8(b.length), b]);
-  }));
-  return ext(16, Buffer.concat([u16(list.length), list]));
-}
 function versionsExt(vs: readonly number[]): Buffer {
   return ext(43, Buffer.concat([u8(vs.length * 2), ...vs.map(u16)]));
 }
@@ -340,36 +312,6 @@ function nudge(buf: Buffer, w: Wire, off: number, width: number, delta: number):
 
 // ---------------------------------------------------------------- capturing real hellos
 
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms); });
-  return Promise.race([p, bound]).finally(() => clearTimeout(timer));
-}
-
-/** The first record Node's TLS client sends with these options (a whole ClientHello). */
-async function captureHello(opts: tls.ConnectionOptions): Promise<Buffer> {
-  const server = net.createServer();
-  const got = new Promise<Buffer>((resolve) => server.once('connection', (s: net.Socket) => {
-    s.on('error', () => {});
-    let buf = Buffer.alloc(0);
-    s.on('data', (c: Buffer) => {
-      buf = Buffer.concat([buf, c]);
-      if (buf.length >= 5 && buf.length >= 5 + buf.readUInt16BE(3)) {
-        resolve(buf.subarray(0, 5 + buf.readUInt16BE(3)));
-        s.destroy();
-      }
-    });
-  }));
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const c = tls.connect({ host: '127.0.0.1', port: (server.address() as net.AddressInfo).port, rejectUnauthorized: false, ...opts });
-  c.on('error', () => {});
-  try {
-    return await within(got, 5_000, `ClientHello capture (${opts.servername ?? 'no SNI'})`);
-  } finally {
-    c.destroy();
-    server.close();
-  }
-}
 
 // ---------------------------------------------------------------- the inputs
 

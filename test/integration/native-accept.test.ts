@@ -24,6 +24,7 @@ import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startServerFirst, startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
 import { decodeSslTlvs, parseProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
+import { captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
@@ -36,31 +37,6 @@ const MODES: readonly Mode[] = [
 const BANNER = '220 tlsgate-test ready\r\n';
 
 // ---------------------------------------------------------------- small tools
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms); });
-  return Promise.race([p, bound]).finally(() => clearTimeout(timer));
-}
-
-/** Polls until `probe` returns something other than undefined (failure after `ms`). */
-async function until<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, ms = 10_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) assert.fail(`${what}: not within ${ms} ms`);
-    await sleep(25);
-  }
-}
-
-function dial(port: number): Promise<net.Socket> {
-  return new Promise((resolve, reject) => {
-    const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
-    s.once('error', reject);
-    s.once('connect', () => { s.off('error', reject); s.on('error', () => {}); resolve(s); });
-  });
-}
 
 const downOf = (s: net.Socket): string => `127.0.0.1:${s.localPort}`;
 
@@ -80,28 +56,6 @@ function untilClosed(s: net.Socket, ms = 5_000): Promise<{ data: Buffer; ms: num
 /** The gateway ended its side (FIN: our sockets are half-open capable) or the socket closed. */
 function endedOrClosed(s: net.Socket): Promise<void> {
   return new Promise((resolve) => { s.once('end', resolve); s.once('close', resolve); });
-}
-
-/** The first TLS record a Node client writes: its whole ClientHello (no SNI when `servername` is undefined). */
-async function captureHello(servername: string | undefined): Promise<Buffer> {
-  const server = net.createServer();
-  const got = new Promise<Buffer>((resolve) => server.once('connection', (s: net.Socket) => {
-    s.on('error', () => {});
-    let buf = Buffer.alloc(0);
-    s.on('data', (c: Buffer) => {
-      buf = Buffer.concat([buf, c]);
-      if (buf.length >= 5 && buf.length >= 5 + buf.readUInt16BE(3)) { resolve(buf.subarray(0, 5 + buf.readUInt16BE(3))); s.destroy(); }
-    });
-  }));
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const c = tls.connect({ host: '127.0.0.1', port: (server.address() as net.AddressInfo).port, servername, rejectUnauthorized: false });
-  c.on('error', () => {});
-  try {
-    return await within(got, 5_000, 'ClientHello capture');
-  } finally {
-    c.destroy();
-    server.close();
-  }
 }
 
 /**
@@ -181,15 +135,6 @@ async function tlsExchange(port: number, servername: string, ca: string, line = 
   } finally {
     s.destroy();
   }
-}
-
-async function metric(gw: Gateway, name: string, labels: Record<string, string> = {}): Promise<number> {
-  const body = (await gw.admin('/stats/prometheus')).body;
-  let sum = 0;
-  for (const m of body.matchAll(new RegExp(`^tlsgate_${name}(?:\\{([^}]*)\\})? (\\S+)$`, 'gm'))) {
-    if (Object.entries(labels).every(([k, v]) => (m[1] ?? '').includes(`${k}="${v}"`))) sum += Number(m[2]);
-  }
-  return sum;
 }
 
 /** Newest access-log entry for this client address (client ports can repeat across tests). */

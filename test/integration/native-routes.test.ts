@@ -17,32 +17,9 @@ import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
+import { captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms); });
-  return Promise.race([p, bound]).finally(() => clearTimeout(timer));
-}
-
-async function until<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, ms = 10_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) assert.fail(`${what}: not within ${ms} ms`);
-    await sleep(20);
-  }
-}
-
-function dial(port: number): Promise<net.Socket> {
-  return new Promise((resolve, reject) => {
-    const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
-    s.once('error', reject);
-    s.once('connect', () => { s.off('error', reject); s.on('error', () => {}); resolve(s); });
-  });
-}
 
 interface Exchange { cn: string; reply: string; down: string; written: number; read: number }
 
@@ -68,39 +45,8 @@ async function exchange(port: number, servername: string, ca: string, line = 'pi
   }
 }
 
-async function metric(gw: Gateway, name: string, labels: Record<string, string> = {}): Promise<number> {
-  const body = (await gw.admin('/stats/prometheus')).body;
-  let sum = 0;
-  for (const m of body.matchAll(new RegExp(`^tlsgate_${name}(?:\\{([^}]*)\\})? (\\S+)$`, 'gm'))) {
-    if (Object.entries(labels).every(([k, v]) => (m[1] ?? '').includes(`${k}="${v}"`))) sum += Number(m[2]);
-  }
-  return sum;
-}
-
 function entryFor(gw: Gateway, down: string): Promise<Record<string, unknown>> {
   return until(`access-log entry for ${down}`, () => gw.accessLogs().filter((e) => e.downstream === down && e.kind === 'tcp').at(-1));
-}
-
-/** The first TLS record a Node client writes for `servername`: its whole ClientHello. */
-async function captureHello(servername: string): Promise<Buffer> {
-  const server = net.createServer();
-  const got = new Promise<Buffer>((resolve) => server.once('connection', (s: net.Socket) => {
-    s.on('error', () => {});
-    let buf = Buffer.alloc(0);
-    s.on('data', (c: Buffer) => {
-      buf = Buffer.concat([buf, c]);
-      if (buf.length >= 5 && buf.length >= 5 + buf.readUInt16BE(3)) { resolve(buf.subarray(0, 5 + buf.readUInt16BE(3))); s.destroy(); }
-    });
-  }));
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const c = tls.connect({ host: '127.0.0.1', port: (server.address() as net.AddressInfo).port, servername, rejectUnauthorized: false });
-  c.on('error', () => {});
-  try {
-    return await within(got, 5_000, 'ClientHello capture');
-  } finally {
-    c.destroy();
-    server.close();
-  }
 }
 
 /** A plain TCP upstream that keeps every connection open and records what each received. */
@@ -336,6 +282,28 @@ spec:
     } finally {
       s.destroy();
     }
+  });
+
+  it('on a listener with learned routes, a hello cut short and a FIN that arrive together are closed at once and logged', async () => {
+    assert.ok(await native() > 0, 'the listener has learned routes by now');
+    const s = await dial(P);
+    const down = `127.0.0.1:${s.localPort}`;
+    const closed = new Promise<void>((resolve) => { s.once('close', () => resolve()); s.once('end', () => resolve()); });
+    // The gateway is stopped while the bytes and the FIN arrive, so it sees both in one wake-up.
+    process.kill(gw.pid, 'SIGSTOP');
+    try {
+      s.end(helloHold.subarray(0, 60));
+      await sleep(100);
+    } finally {
+      process.kill(gw.pid, 'SIGCONT');
+    }
+    const started = Date.now();
+    // The gateway runs with the default 15 s hello timeout: closed on the FIN, not at the timeout.
+    await within(closed, 5_000, 'the gateway closing the connection');
+    assert.ok(Date.now() - started < 5_000);
+    const e = await until('refusal logged', () => gw.accessLogs().find((x) => x.downstream === down));
+    assert.equal(e.reason, 'downstream_closed_early');
+    s.destroy();
   });
 
   it('a reload that sends the SNI elsewhere takes effect for the very next connection', { timeout: 30_000 }, async () => {

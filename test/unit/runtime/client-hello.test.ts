@@ -17,6 +17,7 @@ import {
   type ParseState,
 } from '../../../src/runtime/listener/client-hello.js';
 import { ALERT_UNRECOGNIZED_NAME, AlertDescription, tlsAlert } from '../../../src/runtime/listener/tls-alert.js';
+import { alpnExt, ext, sniExt, u16, u24, u8 } from '../../helpers/tls-wire.js';
 
 const execFileP = promisify(execFile);
 const FIXTURES = new URL('../../../../test/fixtures/client-hello/', import.meta.url);
@@ -33,21 +34,6 @@ function asTls<T extends ParseState | ClientHelloResult>(st: T): Extract<T, Clie
 
 // ---------- builders for synthetic hellos ----------
 
-const u8 = (n: number): Buffer => Buffer.from([n & 0xff]);
-const u16 = (n: number): Buffer => Buffer.from([(n >> 8) & 0xff, n & 0xff]);
-const u24 = (n: number): Buffer => Buffer.from([(n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff]);
-
-function ext(type: number, body: Buffer): Buffer {
-  return Buffer.concat([u16(type), u16(body.length), body]);
-}
-function sniExt(name: string | Buffer): Buffer {
-  const n = typeof name === 'string' ? Buffer.from(name, 'latin1') : name;
-  return ext(0, Buffer.concat([u16(n.length + 3), u8(0), u16(n.length), n]));
-}
-function alpnExt(protos: string[]): Buffer {
-  const list = Buffer.concat(protos.map((p) => Buffer.concat([u8(p.length), Buffer.from(p, 'latin1')])));
-  return ext(16, Buffer.concat([u16(list.length), list]));
-}
 function versionsExt(vs: number[]): Buffer {
   return ext(43, Buffer.concat([u8(vs.length * 2), ...vs.map(u16)]));
 }

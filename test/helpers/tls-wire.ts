@@ -1,0 +1,96 @@
+// Small tools for tests that speak TLS on the wire: time bounds, a raw dial, a ClientHello captured
+// from Node's own TLS client, byte builders for synthetic hellos, and one Prometheus series read.
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import tls from 'node:tls';
+import type { Gateway } from './tlsgate.js';
+import { sleep } from './ports.js';
+
+/** `p`, or a rejection naming `what` after `ms`. */
+export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: nothing within ${ms} ms`)), ms); });
+  return Promise.race([p, bound]).finally(() => clearTimeout(timer));
+}
+
+/** Polls until `probe` returns something other than undefined (failure after `ms`). */
+export async function until<T>(what: string, probe: () => T | undefined | Promise<T | undefined>, ms = 10_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) assert.fail(`${what}: not within ${ms} ms`);
+    await sleep(25);
+  }
+}
+
+/** A connected, half-open capable TCP socket to 127.0.0.1:`port` (errors after the connect are ignored). */
+export function dial(port: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
+    s.once('error', reject);
+    s.once('connect', () => { s.off('error', reject); s.on('error', () => {}); resolve(s); });
+  });
+}
+
+/**
+ * The first TLS record Node's client writes: its whole ClientHello. `opts` is the SNI (undefined:
+ * none) or the client's options.
+ */
+export async function captureHello(opts: string | undefined | tls.ConnectionOptions): Promise<Buffer> {
+  const o: tls.ConnectionOptions = typeof opts === 'object' ? opts : { servername: opts };
+  const server = net.createServer();
+  const got = new Promise<Buffer>((resolve) => server.once('connection', (s: net.Socket) => {
+    s.on('error', () => {});
+    let buf = Buffer.alloc(0);
+    s.on('data', (c: Buffer) => {
+      buf = Buffer.concat([buf, c]);
+      if (buf.length >= 5 && buf.length >= 5 + buf.readUInt16BE(3)) { resolve(buf.subarray(0, 5 + buf.readUInt16BE(3))); s.destroy(); }
+    });
+  }));
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const c = tls.connect({ host: '127.0.0.1', port: (server.address() as net.AddressInfo).port, rejectUnauthorized: false, ...o });
+  c.on('error', () => {});
+  try {
+    return await within(got, 5_000, `ClientHello capture (${o.servername ?? 'no SNI'})`);
+  } finally {
+    c.destroy();
+    server.close();
+  }
+}
+
+/** The sum of `tlsgate_<name>` series whose labels include `labels`, from the admin endpoint. */
+export async function promMetric(gw: Gateway, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const body = (await gw.admin('/stats/prometheus')).body;
+  let sum = 0;
+  for (const m of body.matchAll(new RegExp(`^tlsgate_${name}(?:\\{([^}]*)\\})? (\\S+)$`, 'gm'))) {
+    if (Object.entries(labels).every(([k, v]) => (m[1] ?? '').includes(`${k}="${v}"`))) sum += Number(m[2]);
+  }
+  return sum;
+}
+
+// ---- byte builders for synthetic ClientHellos
+
+export const u8 = (n: number): Buffer => Buffer.from([n & 0xff]);
+export const u16 = (n: number): Buffer => Buffer.from([(n >> 8) & 0xff, n & 0xff]);
+export const u24 = (n: number): Buffer => Buffer.from([(n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff]);
+
+/** A TLS extension: type, length, body. */
+export function ext(type: number, body: Buffer): Buffer {
+  return Buffer.concat([u16(type), u16(body.length), body]);
+}
+
+/** server_name with one host_name. */
+export function sniExt(name: string | Buffer): Buffer {
+  const n = typeof name === 'string' ? Buffer.from(name, 'latin1') : name;
+  return ext(0, Buffer.concat([u16(n.length + 3), u8(0), u16(n.length), n]));
+}
+
+/** ALPN with these protocol names. */
+export function alpnExt(names: readonly (string | Buffer)[]): Buffer {
+  const list = Buffer.concat(names.map((p) => {
+    const b = typeof p === 'string' ? Buffer.from(p, 'latin1') : p;
+    return Buffer.concat([u8(b.length), b]);
+  }));
+  return ext(16, Buffer.concat([u16(list.length), list]));
+}
