@@ -148,7 +148,6 @@ const learnedBy = new Map<number, Map<string, number>>();
 let nextRouteId = 0;
 /** TLSGATE_NATIVE_ROUTES=0: JS routes every accepted connection itself (for comparisons). */
 const fastEnabled = process.env.TLSGATE_NATIVE_ROUTES !== '0';
-let fastStarted = 0;
 
 function onFast(count: number, extras: unknown[] | undefined): void {
   const buf = fastRecords;
@@ -160,7 +159,6 @@ function onFast(count: number, extras: unknown[] | undefined): void {
     const kind = buf[at]!;
     if (kind === FAST_START) {
       r.live++;
-      fastStarted++;
     } else if (kind === FAST_END && --r.live === 0 && r.forgotten) {
       fastRoutes.delete(id);
     }
@@ -228,11 +226,6 @@ export function forgetFastRoutes(lid: number): void {
 /** Every listener's learned routes go (clusters or endpoints changed). */
 export function forgetAllFastRoutes(): void {
   for (const lid of [...learnedBy.keys()]) forgetFastRoutes(lid);
-}
-
-/** Connections started on learned routes so far, and routes held (tests, diagnostics). */
-export function fastRouteStats(): { started: number; routes: number } {
-  return { started: fastStarted, routes: fastRoutes.size };
 }
 
 /** The addon's own ClientHello reader (tests hold it to client-hello.ts); undefined without the addon. */
