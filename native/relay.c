@@ -32,6 +32,10 @@
  * takes the fast path never becomes a Node object at all. The listener's connection limit is
  * enforced here, at accept, counting adopted sockets until JS releases them.
  *
+ * Learned routes (fast_route.h) go further still: for an SNI JS has routed to plain TCP once, the
+ * relay routes the next connections itself (its own ClientHello scan, client_hello.h) and
+ * reports them to JS as records in batches (onFast), never one call per connection.
+ *
  * Commands from JS are queued and never run inside the JS call that made them: those a report
  * handler queued run right after the turn's reports, others on the next turn. The reports of
  * one turn reach JS together, in one callback scope.

@@ -16,6 +16,10 @@
  * dial and relay (connectAccepted), asks for more bytes (moreAccepted), or takes the descriptor
  * into a Node socket (adoptAccepted) for everything else. TLSGATE_NATIVE_ACCEPT=0 (or native
  * connect off) keeps Node accepting.
+ *
+ * Learned routes (learnFastRoute): once JS has routed an SNI of an accepted connection to plain
+ * TCP, the addon routes the next ones naming it by itself, and hands JS records of them in
+ * batches (onFast) for the counters and the access log. TLSGATE_NATIVE_ROUTES=0 turns it off.
  */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
