@@ -385,12 +385,10 @@ export class DataPlane {
     if (errors.length) return { ok: false, errors, warnings };
     const snapshot: Snapshot = { ...input, generation: ++this.#generation };
     const secretLookup = (n: string) => this.#certs.get(n);
+    // The first apply creates the clusters; later ones change them only once nothing can refuse
+    // the apply any more (below), so a refused config leaves the upstreams as they were.
+    const firstApply = !this.#clusters;
     if (!this.#clusters) this.#clusters = new ClusterManager(snapshot.clusters, { secrets: secretLookup });
-    else {
-      this.#clusters.update(snapshot.clusters);
-      // The addon's learned routes name the previous clusters' endpoints and slots.
-      forgetAllFastRoutes();
-    }
     const gen = new Generation(snapshot, this.#clusters, this.opts.telemetry, this.#certs, this.#contexts);
     gen.limits = { ...DEFAULT_LIMITS, ...this.opts.limits };
     // Build every terminating context now so a bad certificate fails the apply, not a handshake.
@@ -421,6 +419,11 @@ export class DataPlane {
       return { ok: false, errors, warnings };
     }
     // 3. Swap.
+    if (!firstApply) {
+      this.#clusters.update(snapshot.clusters);
+      // The addon's learned routes name the previous clusters' endpoints and slots.
+      forgetAllFastRoutes();
+    }
     for (const a of added) this.#listeners.set(a.name, a);
     const keep = new Set(snapshot.listeners.map((l) => l.name));
     for (const l of snapshot.listeners) this.#listeners.get(l.name)!.update({ config: l, runtime: gen });

@@ -6,6 +6,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import * as http from 'node:http';
+import * as net from 'node:net';
 import { createHash } from 'node:crypto';
 import { mkdtemp, writeFile, mkdir, symlink, rename, rm } from 'node:fs/promises';
 import * as os from 'node:os';
@@ -291,4 +292,40 @@ test('SIGTERM drains: /ready turns 503, an in-flight request completes, exit 0',
   assert.equal(await exit, 0);
   // After the drain the port is closed.
   await assert.rejects(get(port, '/'));
+});
+
+test('an apply the runtime refuses (a new port it cannot bind) leaves the upstream clusters as they were', async () => {
+  const a = await startUpstream('a');
+  const b = await startUpstream('b');
+  cleanups.push(() => a.close(), () => b.close());
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'tlsgate-refused-'));
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  const port = await freePort();
+  const file = path.join(dir, 'gw.yaml');
+  await writeFile(file, config(port, a.port));
+  const gw = await startTlsgate({ configPaths: [dir] });
+  cleanups.push(() => gw.stop());
+  assert.equal((await get(port, '/')).body.toString(), 'a\n');
+  const before = (await generation(gw)).generation;
+
+  // The new config moves up.local to b and adds a port someone else holds: the bind fails.
+  const blocker = net.createServer();
+  await new Promise<void>((r) => blocker.listen(0, '0.0.0.0', r));
+  cleanups.push(() => new Promise<void>((r) => blocker.close(() => r())));
+  const taken = (blocker.address() as net.AddressInfo).port;
+  await writeFile(file, `${config(port, b.port)}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: extra}
+spec:
+  servers:
+  - port: {number: ${taken}, name: http2, protocol: HTTP}
+    hosts: ["*"]
+`);
+  await waitFor(async () => (await generation(gw)).lastApply.ok === false);
+  const g = await generation(gw);
+  assert.match(g.lastApply.message, /cannot bind/);
+  assert.equal(g.generation, before);
+  // Still the old endpoint: the refused config changed nothing.
+  for (let i = 0; i < 5; i++) assert.equal((await get(port, '/')).body.toString(), 'a\n');
 });

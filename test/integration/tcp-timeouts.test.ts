@@ -145,10 +145,12 @@ after(async () => {
   await blackhole?.close();
 });
 
-type Client = { socket: net.Socket; localPort: number; closed: Promise<number>; received(): string };
+/** `since`: when the client started connecting (its access-log entry is recorded after that). */
+type Client = { socket: net.Socket; localPort: number; closed: Promise<number>; received(): string; since: number };
 
 /** A client through the gateway: plain TCP, or TLS with SNI (passthrough: the upstream terminates). */
 async function connect(port: number, servername?: string): Promise<Client> {
+  const since = Date.now();
   let data = '';
   let socket: net.Socket;
   if (servername) {
@@ -163,7 +165,7 @@ async function connect(port: number, servername?: string): Promise<Client> {
   socket.setEncoding('utf8');
   socket.on('data', (d: string) => { data += d; });
   const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(Date.now())));
-  return { socket, localPort: socket.localPort!, closed, received: () => data };
+  return { socket, localPort: socket.localPort!, closed, received: () => data, since };
 }
 
 /** Sends `text` and waits for its echo (bounded). */
@@ -200,7 +202,7 @@ for (const mode of relayModes()) {
         assert.ok(closedAt !== undefined, 'the idle connection is still open after 10 s');
         // Not before the timeout (a little slack for timer granularity).
         assert.ok(closedAt - lastActivity >= IDLE_MS - 100, `closed ${closedAt - lastActivity} ms after the last byte`);
-        const e = await telemetry.entryFor(c.localPort);
+        const e = await telemetry.entryFor(c.localPort, 5_000, c.since);
         assert.equal(e.reason, 'idle_timeout');
         assert.equal(e.kind, 'tcp');
         assert.ok(Number(e.upstreamBytesReceived) > 0, 'bytes came back from the upstream before the timeout');
@@ -219,7 +221,7 @@ for (const mode of relayModes()) {
         // Ended by the client, not by the gateway.
         c.socket.end();
         await closedWithin(c, 5_000);
-        const e = await telemetry.entryFor(c.localPort);
+        const e = await telemetry.entryFor(c.localPort, 5_000, c.since);
         assert.equal(e.reason, 'ok');
       });
 
@@ -236,7 +238,7 @@ for (const mode of relayModes()) {
           t.on('error', () => {});
           raw.on('error', () => {});
           const closed = new Promise<number>((resolve) => raw.once('close', () => resolve(Date.now())));
-          c = { socket: raw, localPort, closed, received: () => '' };
+          c = { socket: raw, localPort, closed, received: () => '', since: started };
         } else {
           c = await connect(r.ctPort());
           c.socket.write('anyone there?');
@@ -244,7 +246,7 @@ for (const mode of relayModes()) {
         const closedAt = await closedWithin(c, 10_000);
         assert.ok(closedAt !== undefined, 'the client is still open 10 s after connecting');
         assert.ok(closedAt - started >= CONNECT_TIMEOUT_MS - 100, `closed ${closedAt - started} ms after connecting`);
-        const e = await telemetry.entryFor(c.localPort);
+        const e = await telemetry.entryFor(c.localPort, 5_000, c.since);
         assert.equal(e.reason, 'upstream_connect_timeout');
         assert.equal(e.upstream, undefined);
         assert.equal(e.bytesSent, 0, 'nothing was sent to the client');
