@@ -24,13 +24,35 @@ export async function until<T>(what: string, probe: () => T | undefined | Promis
   }
 }
 
+/** When each client address dial() made last began connecting ("127.0.0.1:port" -> Date.now()). */
+const dialled = new Map<string, number>();
+
 /** A connected, half-open capable TCP socket to 127.0.0.1:`port` (errors after the connect are ignored). */
 export function dial(port: number): Promise<net.Socket> {
+  const started = Date.now();
   return new Promise((resolve, reject) => {
     const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
     s.once('error', reject);
-    s.once('connect', () => { s.off('error', reject); s.on('error', () => {}); resolve(s); });
+    s.once('connect', () => {
+      dialled.set(`127.0.0.1:${s.localPort}`, started);
+      s.off('error', reject);
+      s.on('error', () => {});
+      resolve(s);
+    });
   });
+}
+
+/**
+ * The gateway's access-log entry for the client at `down` (as dial() left it), optionally of one
+ * kind: the newest whose connection started after that client began connecting (client ports are
+ * reused, and the native relay writes its lines in batches, so an older line for the same port
+ * may be there first).
+ */
+export function accessEntry(gw: Gateway, down: string, kind?: string): Promise<Record<string, unknown>> {
+  // The gateway's start time comes from another clock reading than ours: a little slack.
+  const since = (dialled.get(down) ?? 0) - 50;
+  return until(`access-log entry for ${down}`, () => gw.accessLogs().filter((e) => e.downstream === down && (kind === undefined || e.kind === kind)
+    && Date.parse(String(e.time)) >= since).at(-1));
 }
 
 /**

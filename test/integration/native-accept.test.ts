@@ -24,7 +24,7 @@ import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startServerFirst, startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
 import { decodeSslTlvs, parseProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
-import { captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
+import { accessEntry, captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
@@ -137,11 +137,7 @@ async function tlsExchange(port: number, servername: string, ca: string, line = 
   }
 }
 
-/** Newest access-log entry for this client address (client ports can repeat across tests). */
-function entryFor(gw: Gateway, down: string, kind?: string): Promise<Record<string, unknown>> {
-  return until(`access-log entry for ${down}`, () =>
-    gw.accessLogs().filter((e) => e.downstream === down && (kind === undefined || e.kind === kind)).at(-1));
-}
+const entryFor = accessEntry;
 
 async function configGeneration(gw: Gateway): Promise<{ generation: number; lastApply: { ok: boolean } }> {
   return JSON.parse((await gw.admin('/config_dump')).body) as { generation: number; lastApply: { ok: boolean } };

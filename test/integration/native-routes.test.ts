@@ -17,7 +17,7 @@ import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
-import { captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
+import { accessEntry, captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
@@ -45,9 +45,7 @@ async function exchange(port: number, servername: string, ca: string, line = 'pi
   }
 }
 
-function entryFor(gw: Gateway, down: string): Promise<Record<string, unknown>> {
-  return until(`access-log entry for ${down}`, () => gw.accessLogs().filter((e) => e.downstream === down && e.kind === 'tcp').at(-1));
-}
+const entryFor = (gw: Gateway, down: string): Promise<Record<string, unknown>> => accessEntry(gw, down, 'tcp');
 
 /** A plain TCP upstream that keeps every connection open and records what each received. */
 async function startHolder(): Promise<{ port: number; conns: { socket: net.Socket; bytes: Buffer[] }[]; close(): void }> {
