@@ -1,6 +1,7 @@
 // Small tools for tests that speak TLS on the wire: time bounds, a raw dial, a ClientHello captured
 // from Node's own TLS client, byte builders for synthetic hellos, and one Prometheus series read.
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import net from 'node:net';
 import tls from 'node:tls';
 import type { Gateway } from './tlsgate.js';
@@ -78,6 +79,31 @@ export async function captureHello(opts: string | undefined | tls.ConnectionOpti
   } finally {
     c.destroy();
     server.close();
+  }
+}
+
+/** What a TLS client saw of one exchange through the gateway (wire bytes counted on the raw socket). */
+export interface Exchange { cn: string; issuer: string; authorized: boolean; reply: string; down: string; written: number; read: number }
+
+/** A TLS client through the gateway: handshake (offering `alpn`, if any), one echoed line, close. */
+export async function tlsExchange(port: number, servername: string, ca: string, line = 'ping\n', alpn?: string[]): Promise<Exchange> {
+  const raw = await dial(port);
+  const down = `127.0.0.1:${raw.localPort}`;
+  const closed = new Promise((resolve) => raw.once('close', resolve));
+  const s = tls.connect({ socket: raw, servername, ca, ...(alpn !== undefined ? { ALPNProtocols: alpn } : {}) });
+  s.on('error', () => {});
+  try {
+    await within(once(s, 'secureConnect'), 5_000, `handshake with ${servername}`);
+    const cert = s.getPeerCertificate();
+    let reply = '';
+    const echoed = new Promise<void>((resolve) => s.on('data', (c: Buffer) => { reply += c.toString(); if (reply.length >= line.length) resolve(); }));
+    s.write(line);
+    await within(echoed, 5_000, 'echo');
+    s.end();
+    await within(closed, 5_000, 'close after end');
+    return { cn: String(cert.subject?.CN), issuer: String(cert.issuer?.CN), authorized: s.authorized, reply, down, written: raw.bytesWritten, read: raw.bytesRead };
+  } finally {
+    s.destroy();
   }
 }
 

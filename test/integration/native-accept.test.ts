@@ -24,7 +24,7 @@ import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startServerFirst, startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
 import { decodeSslTlvs, parseProxyHeader } from '../../src/runtime/listener/proxy-protocol.js';
-import { accessEntry, captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
+import { accessEntry, captureHello, dial, promMetric as metric, tlsExchange, until, within } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
@@ -111,30 +111,6 @@ async function startRecorder(): Promise<Recorder> {
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return { port: (server.address() as net.AddressInfo).port, conns, close: () => { server.close(); for (const c of conns) c.socket.destroy(); } };
-}
-
-interface Exchange { cn: string; issuer: string; authorized: boolean; reply: string; down: string; written: number; read: number }
-
-/** A TLS client through the gateway: handshake, one echoed line, close; wire bytes counted on the raw socket. */
-async function tlsExchange(port: number, servername: string, ca: string, line = 'ping\n'): Promise<Exchange> {
-  const raw = await dial(port);
-  const down = downOf(raw);
-  const closed = new Promise((resolve) => raw.once('close', resolve));
-  const s = tls.connect({ socket: raw, servername, ca });
-  s.on('error', () => {});
-  try {
-    await within(once(s, 'secureConnect'), 5_000, `handshake with ${servername}`);
-    const cert = s.getPeerCertificate();
-    let reply = '';
-    const echoed = new Promise<void>((resolve) => s.on('data', (c: Buffer) => { reply += c.toString(); if (reply.length >= line.length) resolve(); }));
-    s.write(line);
-    await within(echoed, 5_000, 'echo');
-    s.end();
-    await within(closed, 5_000, 'close after end');
-    return { cn: String(cert.subject?.CN), issuer: String(cert.issuer?.CN), authorized: s.authorized, reply, down, written: raw.bytesWritten, read: raw.bytesRead };
-  } finally {
-    s.destroy();
-  }
 }
 
 const entryFor = accessEntry;

@@ -6,44 +6,22 @@
 // both paths (the shared active counts), a ClientHello dripped one byte at a time, a reload that
 // moves the SNI, and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import tls from 'node:tls';
 import { certDir, makeCa, makeLeaf, type Ca } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
-import { accessEntry, captureHello, dial, promMetric as metric, until, within } from '../helpers/tls-wire.js';
+import { accessEntry, captureHello, dial, promMetric as metric, tlsExchange, until, within, type Exchange } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
-interface Exchange { cn: string; reply: string; down: string; written: number; read: number }
-
-/** A TLS client through the gateway: handshake, one echoed line, close; wire bytes counted on the raw socket. */
-async function exchange(port: number, servername: string, ca: string, line = 'ping\n'): Promise<Exchange> {
-  const raw = await dial(port);
-  const down = `127.0.0.1:${raw.localPort}`;
-  const closed = new Promise((resolve) => raw.once('close', resolve));
-  const s = tls.connect({ socket: raw, servername, ca, ALPNProtocols: ['h2', 'http/1.1'] });
-  s.on('error', () => {});
-  try {
-    await within(once(s, 'secureConnect'), 5_000, `handshake with ${servername}`);
-    const cn = String(s.getPeerCertificate().subject?.CN);
-    let reply = '';
-    const echoed = new Promise<void>((resolve) => s.on('data', (c: Buffer) => { reply += c.toString(); if (reply.length >= line.length) resolve(); }));
-    s.write(line);
-    await within(echoed, 5_000, 'echo');
-    s.end();
-    await within(closed, 5_000, 'close after end');
-    return { cn, reply, down, written: raw.bytesWritten, read: raw.bytesRead };
-  } finally {
-    s.destroy();
-  }
-}
+/** A TLS exchange through the gateway, offering ALPN (the access log carries what was offered). */
+const exchange = (port: number, servername: string, ca: string, line?: string): Promise<Exchange> =>
+  tlsExchange(port, servername, ca, line, ['h2', 'http/1.1']);
 
 const entryFor = (gw: Gateway, down: string): Promise<Record<string, unknown>> => accessEntry(gw, down, 'tcp');
 
