@@ -3,6 +3,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Slots are counted in by JS and by the relay thread at once (atomically, see relay.c). */
+static int32_t slot_load(const int32_t *slots, uint32_t i) {
+  return __atomic_load_n(&slots[i], __ATOMIC_RELAXED);
+}
+
 /* xorshift64*: a uniform double in [0, 1). */
 static double uniform01(uint64_t *s) {
   uint64_t x = *s;
@@ -79,8 +84,8 @@ static uint32_t pick_host(struct fast_cluster *c, const int32_t *slots, uint64_t
       /* Power of two choices by load per unit of weight. */
       uint32_t a = draw(c, rng), b = draw(c, rng);
       if (b == a) b = (a + 1) % c->n;
-      double la = (slots[c->hosts[a].slot] + 1) / c->weight[a];
-      double lb = (slots[c->hosts[b].slot] + 1) / c->weight[b];
+      double la = (slot_load(slots, c->hosts[a].slot) + 1) / c->weight[a];
+      double lb = (slot_load(slots, c->hosts[b].slot) + 1) / c->weight[b];
       return lb < la ? b : a;
     }
   }
@@ -105,7 +110,7 @@ bool fast_pick(struct fast_route *rt, const int32_t *slots, size_t nslots, uint6
   struct fast_cluster *c = &rt->clusters[t];
   if (c->n == 0 || c->slot >= nslots) return false;
   for (uint32_t i = 0; i < c->n; i++) if (c->hosts[i].slot >= nslots) return false;
-  if (c->max_conns >= 0 && slots[c->slot] >= c->max_conns) return false;
+  if (c->max_conns >= 0 && slot_load(slots, c->slot) >= c->max_conns) return false;
   out->target = t;
   out->host = pick_host(c, slots, rng);
   return true;

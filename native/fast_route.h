@@ -57,7 +57,8 @@ struct fast_pick {
 /* Sets up a cluster's effective weights once its hosts are filled in. */
 void fast_cluster_ready(struct fast_cluster *c);
 /* A target and an endpoint for a new connection; false when JS must decide (no weight, no host,
- * the cluster at its limit, a slot out of range). Counts nothing. */
+ * the cluster at its limit, a slot out of range). Counts nothing. Called under the relay's
+ * fast_lock: the round-robin state is shared by both of its threads. */
 bool fast_pick(struct fast_route *rt, const int32_t *slots, size_t nslots, uint64_t *rng, struct fast_pick *out);
 struct fast_route *fast_route_new(uint32_t id, uint32_t n);
 void fast_route_unref(struct fast_route *rt);

@@ -5,10 +5,10 @@
  * behind it until the pipe is full (backpressure). On loopback, measured against always
  * splicing: more throughput for bulk downloads and fewer syscalls per small exchange.
  *
- * One epoll set per Node environment serves every relayed connection. It runs on Node's own
+ * One epoll set per Node environment serves every connection JS hands over. It runs on Node's own
  * event loop (a uv_poll on the epoll descriptor, and a timer for deadlines), as nginx runs one
- * loop per worker: no thread, so no wake-ups, eventfds or locks cross between threads per
- * connection. JS hands over a pair of sockets it no longer reads or writes; the addon dup()s
+ * loop per worker: no wake-ups, eventfds or locks cross between threads per connection (the
+ * relay thread below serves only connections that need no JS). JS hands over a pair of sockets it no longer reads or writes; the addon dup()s
  * both descriptors (a socket JS closes or destroys can never turn into a recycled fd number
  * here), and reports back exactly once per connection: the bytes each side read and wrote, and
  * why it ended. JS keeps its own sockets open until then and closes them on that report.
@@ -34,7 +34,11 @@
  *
  * Learned routes (fast_route.h) go further still: for an SNI JS has routed to plain TCP once, the
  * relay routes the next connections itself (its own ClientHello scan, client_hello.h) and
- * reports them to JS as records in batches (onFast), never one call per connection.
+ * reports them to JS as records in batches (onFast), never one call per connection. A listener
+ * with learned routes then moves to the relay thread: a second struct relay with its own epoll
+ * loop, so those connections never wake Node's loop. It hands Node's relay its records in batches
+ * and the connections JS must decide on (uv_async); what both threads touch is listed at `worker`
+ * in struct relay.
  *
  * Commands from JS are queued and never run inside the JS call that made them: those a report
  * handler queued run right after the turn's reports, others on the next turn. The reports of
@@ -59,6 +63,9 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -99,6 +106,8 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 /* Learned-route records wait at most this long for a call into JS that carries them: one call
  * per batch rather than per turn (counters and access-log lines are that much later). */
 #define FAST_FLUSH_MS 20
+/* The relay thread hands its records over once this many wait, whatever their age. */
+#define WORKER_FLUSH_RECS 1024
 
 struct conn;
 struct listener;
@@ -114,6 +123,8 @@ struct side {
  * A listening socket the relay accepts on (a dup of Node's, which JS then closes). The
  * limits are set from JS at any time; `open` counts connections accepted here and not yet closed
  * (adopted ones until JS releases them). Never freed before teardown: connections point at it.
+ * The counts and limits are read and written atomically (the relay thread accepts too); fd,
+ * closed, paused and resume_at belong to the relay that owns the listener.
  */
 struct listener {
   uint32_t id;
@@ -122,10 +133,15 @@ struct listener {
   uint32_t open, refused, max_conns, hello_cap, hello_timeout_ms;
   bool closed, paused;
   int64_t resume_at;
-  /* SNIs JS routed to plain TCP: connections naming one are dialled here (NULL: none learned). */
+  /* SNIs JS routed to plain TCP: connections naming one are dialled here (NULL: none learned).
+   * Guarded by the main relay's fast_lock. */
   struct fast_table *fast;
   struct side side;
-  struct listener *next; /* every listener ever made */
+  /* The relay accepting on it: Node's loop, or the relay thread once it has learned routes (set on
+   * Node's thread only; a listener never moves back). */
+  struct relay *owner;
+  struct listener *next;  /* every listener ever made (Node's thread) */
+  struct listener *wnext; /* the relay thread's own listeners */
 };
 
 /* One direction: src socket -> pipe -> dst socket. */
@@ -180,6 +196,8 @@ struct conn {
   struct fast_route *froute;
   struct fast_pick fpick;
   int64_t dial_ms;
+  /* Handed from the relay thread to Node's loop for JS to decide on, with this hello status. */
+  int hstatus;
   struct conn *hnext;       /* hash chain */
   struct conn *prev, *next; /* all live connections */
   struct conn *qnext;       /* ready queue (budget ran out) or dead list */
@@ -257,6 +275,36 @@ struct relay {
    * reports (a listener just lost its last connection: a drain waiting on it gets its lines). */
   int64_t fast_due;
   bool fast_now;
+  /*
+   * The relay thread. A listener that has learned routes moves there: its own epoll loop accepts,
+   * reads the hello, routes, dials and relays without waking Node's loop, which then hears from it
+   * only in batches (records, and the connections JS must decide on). Node's relay (`worker` set)
+   * and the thread's (`main` set) are both a struct relay; what they share is named here.
+   */
+  struct relay *worker, *main;
+  bool threads_ok; /* TLSGATE_RELAY_THREAD is not "0", and starting the thread has not failed */
+  /* Node's relay: learned routes and their tables (the thread routes with them too). */
+  pthread_mutex_t fast_lock;
+  /* Node's relay: the thread's wake-up call (referenced while the thread relays connections);
+   * connections it handed over, and its records, delivered with the next reports. */
+  uv_async_t *wake_async;
+  bool async_ref;
+  struct conn *inbound;
+  struct fast_rec *xrecs;
+  size_t nx, x_cap;
+  /* The thread's relay: lock guards cmds, handoffs and outbox; wake_fd (in its epoll set) says
+   * commands wait; stopping ends the thread. */
+  pthread_t thread;
+  pthread_mutex_t lock;
+  int wake_fd;
+  struct side wake_side;
+  bool woken, stopping, wake_main;
+  struct listener *owned;
+  /* Connections for JS: pending until the end of the thread's pass (an event later in the same
+   * pass may still name them), then published in `handoffs`. */
+  struct conn *hpend, *hpend_tail, *handoffs, *handoffs_tail;
+  struct fast_rec *outbox;
+  size_t nout, out_cap;
   /* Small exchanges go through here (recv, send) rather than through a direction's pipe. */
   uint8_t copy[COPY_BYTES];
 };
@@ -290,10 +338,20 @@ static void close_fd(int *fd) {
   *fd = -1;
 }
 
+/* Ids are unique across both relays (JS knows connections by id). */
 static uint32_t new_id(struct relay *r) {
+  struct relay *m = r->main ? r->main : r;
   uint32_t id;
-  do id = ++r->next_id; while (id == 0);
+  do id = __atomic_add_fetch(&m->next_id, 1, __ATOMIC_RELAXED); while (id == 0);
   return id;
+}
+
+static pthread_mutex_t *fast_mutex(struct relay *r) {
+  return &(r->main ? r->main : r)->fast_lock;
+}
+
+static uint32_t load32(const uint32_t *p) {
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
 /* A pipe for one direction: an empty one from the pool, else a new one. */
@@ -350,7 +408,7 @@ static void free_conn_fds(struct relay *r, struct conn *c) {
   close_fd(&c->fd[1]);
   drop_pipe(r, &c->d2u);
   drop_pipe(r, &c->u2d);
-  if (c->lst) c->lst->open--;
+  if (c->lst) __atomic_sub_fetch(&c->lst->open, 1, __ATOMIC_RELAXED);
   c->lst = NULL;
 }
 
@@ -435,9 +493,9 @@ static struct fast_rec *fast_rec(struct relay *r, struct conn *c, int kind) {
 /* The end of a connection on a learned route: its slots released, its record queued. */
 static void fast_end(struct relay *r, struct conn *c, int reason) {
   struct fast_cluster *cl = &c->froute->clusters[c->fpick.target];
-  if (c->lst && c->lst->open <= 1) r->fast_now = true;
-  r->slots[cl->slot]--;
-  r->slots[cl->hosts[c->fpick.host].slot]--;
+  if (c->lst && load32(&c->lst->open) <= 1) r->fast_now = true;
+  __atomic_sub_fetch(&r->slots[cl->slot], 1, __ATOMIC_RELAXED);
+  __atomic_sub_fetch(&r->slots[cl->hosts[c->fpick.host].slot], 1, __ATOMIC_RELAXED);
   struct fast_rec *f = fast_rec(r, c, FAST_END);
   if (f) {
     f->v[5] = reason;
@@ -446,10 +504,12 @@ static void fast_end(struct relay *r, struct conn *c, int reason) {
     f->v[8] = (double)c->u2d.in;
     f->v[9] = (double)c->u2d.out;
     f->v[10] = (double)c->hello_sent;
-  } else {
-    relay_unref(r);
   }
+  /* Node's relay lets go when JS has the end record; the thread's records are not its own. */
+  if (!f || r->main) relay_unref(r);
+  pthread_mutex_lock(fast_mutex(r));
   fast_route_unref(c->froute);
+  pthread_mutex_unlock(fast_mutex(r));
   c->froute = NULL;
 }
 
@@ -721,8 +781,19 @@ static void add_conn(struct relay *r, struct conn *c) {
 
 /* ---- accepted connections: the hello stage ---------------------------------------------- */
 
-/* Hands the connection and the bytes read since the last report to JS, which now owns it. */
+/* Hands the connection and the bytes read since the last report to JS, which now owns it. The
+ * relay thread hands it to Node's relay first, which does this there (CMD_HANDOFF). */
 static void deliver_hello(struct relay *r, struct conn *c, int status) {
+  if (r->main) {
+    epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
+    unlink_conn(r, c);
+    c->awaiting = true; /* events later in this pass only mark what is ready */
+    c->hstatus = status;
+    c->qnext = NULL;
+    if (r->hpend_tail) r->hpend_tail->qnext = c; else r->hpend = c;
+    r->hpend_tail = c;
+    return;
+  }
   struct result *res = calloc(1, sizeof *res);
   if (!res) {
     finish(r, c, END_INTERNAL);
@@ -747,24 +818,43 @@ enum fast_outcome { FAST_TO_JS = 0, FAST_DIALLED, FAST_WAIT };
 
 /* A listener with learned routes looks at the hello itself. */
 static enum fast_outcome fast_try(struct relay *r, struct conn *c) {
+  pthread_mutex_t *mu = fast_mutex(r);
+  pthread_mutex_lock(mu);
   struct fast_table *t = c->lst->fast;
+  size_t max_hello = t ? t->max_hello : 0;
+  bool log = t && t->log, any = t && t->count;
+  pthread_mutex_unlock(mu);
+  if (!any) return FAST_TO_JS;
   struct hello_info hi;
-  enum hello_kind k = hello_scan(c->hello, c->hello_len, t->max_hello, &c->cursor, &hi);
+  enum hello_kind k = hello_scan(c->hello, c->hello_len, max_hello, &c->cursor, &hi);
   if (k == HELLO_NEED_MORE) return c->hello_len < c->hello_limit ? FAST_WAIT : FAST_TO_JS;
   if (k != HELLO_TLS) return FAST_TO_JS;
-  struct fast_route *rt = fast_lookup(t, hi.sni_len >= 0 ? hi.sni : NULL, hi.sni_len);
-  struct fast_pick pk;
-  if (!rt || !fast_pick(rt, r->slots, r->nslots, &r->rng, &pk)) return FAST_TO_JS;
   if (!make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
     drop_pipe(r, &c->d2u);
     drop_pipe(r, &c->u2d);
     return FAST_TO_JS;
   }
+  /* Picked and counted under the lock: JS may forget the table, and the picks' state is shared. */
+  pthread_mutex_lock(mu);
+  t = c->lst->fast;
+  struct fast_route *rt = t ? fast_lookup(t, hi.sni_len >= 0 ? hi.sni : NULL, hi.sni_len) : NULL;
+  struct fast_pick pk;
+  bool ok = rt && fast_pick(rt, r->slots, r->nslots, &r->rng, &pk);
+  if (ok) {
+    struct fast_cluster *pc = &rt->clusters[pk.target];
+    __atomic_add_fetch(&r->slots[pc->slot], 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&r->slots[pc->hosts[pk.host].slot], 1, __ATOMIC_RELAXED);
+    rt->refs++;
+  }
+  pthread_mutex_unlock(mu);
+  if (!ok) {
+    drop_pipe(r, &c->d2u);
+    drop_pipe(r, &c->u2d);
+    return FAST_TO_JS;
+  }
+  /* The route is held (refs): its clusters and hosts stay until this connection lets go. */
   struct fast_cluster *cl = &rt->clusters[pk.target];
   struct fast_host *h = &cl->hosts[pk.host];
-  r->slots[cl->slot]++;
-  r->slots[h->slot]++;
-  rt->refs++;
   c->froute = rt;
   c->fpick = pk;
   unlink_conn(r, c);
@@ -784,7 +874,7 @@ static enum fast_outcome fast_try(struct relay *r, struct conn *c) {
   struct fast_rec *f = fast_rec(r, c, FAST_START);
   if (f) {
     f->v[6] = (double)c->hello_sent;
-    if (t->log) {
+    if (log) {
       f->extras = true;
       f->peer = c->peer;
       f->local = c->local;
@@ -842,7 +932,7 @@ static void hello_read(struct relay *r, struct conn *c) {
   /* Nothing reported yet: a learned route may take it, or the rest of its hello is awaited here.
    * While waiting, a FIN that may be queued behind the bytes (rd still set: no edge will announce
    * it again) is read now; that read either brings bytes or ends the wait. */
-  if (status < 0 && c->hello_sent == 0 && c->lst->fast && c->lst->fast->count) {
+  if (status < 0 && c->hello_sent == 0) {
     enum fast_outcome f = fast_try(r, c);
     if (f == FAST_WAIT && c->d2u.rd) hello_read(r, c);
     if (f != FAST_TO_JS) return;
@@ -870,7 +960,7 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
     close(fd);
     return;
   }
-  l->open++;
+  __atomic_add_fetch(&l->open, 1, __ATOMIC_RELAXED);
   c->fd[0] = fd;
   c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
   c->d2u.src = fd;
@@ -888,10 +978,10 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   c->hello_stage = true;
-  c->hello_limit = l->hello_cap;
+  c->hello_limit = load32(&l->hello_cap);
   if (c->hello_limit == 0) c->hello_limit = 1;
   c->last_ms = c->accept_ms = now_ms();
-  c->hello_due = c->last_ms + l->hello_timeout_ms;
+  c->hello_due = c->last_ms + load32(&l->hello_timeout_ms);
   link_conn(r, c);
   /* Registered once for the connection's life with the relay: the hello stage acts on reads
    * only, and a dial keeps the registration (one epoll_ctl per accepted connection). */
@@ -923,36 +1013,33 @@ static void accept_ready(struct relay *r, struct listener *l) {
       }
       return;
     }
-    if (l->open >= l->max_conns) {
+    if (load32(&l->open) >= load32(&l->max_conns)) {
       close(fd);
-      l->refused++;
+      __atomic_add_fetch(&l->refused, 1, __ATOMIC_RELAXED);
       continue;
     }
     accept_one(r, l, fd, &peer);
   }
 }
 
+/* The descriptor stays open until the listener is removed: JS may still dup it (unlisten). */
 static void listener_add(struct relay *r, struct listener *l) {
+  if (l->owner != r || l->closed) return; /* moved to the relay thread before this ran, or removed */
   struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->side };
-  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, l->fd, &ev) != 0) {
-    l->closed = true;
-    close_fd(&l->fd);
-  }
+  if (epoll_ctl(r->ep, EPOLL_CTL_ADD, l->fd, &ev) != 0) l->closed = true;
 }
 
 static void listener_remove(struct relay *r, struct listener *l) {
-  if (l->closed) return;
+  if (!l->closed) epoll_ctl(r->ep, EPOLL_CTL_DEL, l->fd, NULL);
   l->closed = true;
-  epoll_ctl(r->ep, EPOLL_CTL_DEL, l->fd, NULL);
   close_fd(&l->fd);
 }
 
 /* Rested listeners whose time has come accept again; returns the next resume time (-1: none). */
 static int64_t resume_listeners(struct relay *r, int64_t now) {
   int64_t next = -1;
-  struct listener *list = r->listeners;
-  for (struct listener *l = list; l; l = l->next) {
-    if (!l->paused || l->closed) continue;
+  for (struct listener *l = r->main ? r->owned : r->listeners; l; l = r->main ? l->wnext : l->next) {
+    if (!l->paused || l->closed || l->owner != r) continue;
     if (l->resume_at <= now) {
       struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &l->side };
       epoll_ctl(r->ep, EPOLL_CTL_MOD, l->fd, &ev);
@@ -964,7 +1051,21 @@ static int64_t resume_listeners(struct relay *r, int64_t now) {
   return next;
 }
 
+/* Connections the relay thread handed over: reported to JS from here, as if accepted here. */
+static void take_inbound(struct relay *r) {
+  while (r->inbound) {
+    struct conn *c = r->inbound;
+    r->inbound = c->qnext;
+    c->qnext = NULL;
+    c->awaiting = false;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->sides[0] };
+    if (epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[0], &ev) != 0) finish(r, c, END_INTERNAL);
+    else deliver_hello(r, c, c->hstatus);
+  }
+}
+
 static void run_commands(struct relay *r) {
+  take_inbound(r);
   struct cmd *list = r->cmds;
   r->cmds = r->cmds_tail = NULL;
   while (list) {
@@ -1037,22 +1138,13 @@ static void free_dead(struct relay *r) {
 }
 static void on_timer(uv_timer_t *t);
 
-/*
- * One turn of the relay: the commands JS queued, what the epoll set has ready (at most
- * MAX_EVENTS; the poll fires again for the rest), connections whose budget ran out, deadlines;
- * then the turn's reports go to JS, and the next turn is scheduled.
- */
-static void relay_turn(struct relay *r) {
-  if (r->in_turn) return;
-  r->in_turn = true;
-  run_commands(r);
-  struct epoll_event evs[MAX_EVENTS];
-  int n = epoll_wait(r->ep, evs, MAX_EVENTS, 0);
-  if (n < 0) n = 0;
+/* What the epoll set reported: accepts, hellos, dials, bytes to move. */
+static void relay_events(struct relay *r, const struct epoll_event *evs, int n) {
   for (int i = 0; i < n; i++) {
     struct side *s = evs[i].data.ptr;
     if (!s->conn) {
-      if (!s->lst->closed) accept_ready(r, s->lst);
+      if (!s->lst) r->woken = true; /* the relay thread's wake-up: commands wait */
+      else if (s->lst->owner == r && !s->lst->closed) accept_ready(r, s->lst);
       continue;
     }
     struct conn *c = s->conn;
@@ -1075,7 +1167,11 @@ static void relay_turn(struct relay *r) {
     if (e & EPOLLERR) check_error(r, s);
     pump(r, c);
   }
-  /* Connections whose budget ran out: another turn each, after everyone else's events. */
+}
+
+/* Connections whose budget ran out (another pass each, after everyone else's events), deadlines,
+ * and the connections ended in this pass freed. */
+static void relay_after(struct relay *r) {
   struct conn *q = r->ready;
   r->ready = NULL;
   while (q) {
@@ -1094,6 +1190,22 @@ static void relay_turn(struct relay *r) {
     if (now >= r->next_deadline) scan_idle(r, now);
   }
   free_dead(r);
+}
+
+/*
+ * One turn of the relay: the commands JS queued, what the epoll set has ready (at most
+ * MAX_EVENTS; the poll fires again for the rest), connections whose budget ran out, deadlines;
+ * then the turn's reports go to JS, and the next turn is scheduled.
+ */
+static void relay_turn(struct relay *r) {
+  if (r->in_turn) return;
+  r->in_turn = true;
+  run_commands(r);
+  struct epoll_event evs[MAX_EVENTS];
+  int n = epoll_wait(r->ep, evs, MAX_EVENTS, 0);
+  if (n < 0) n = 0;
+  relay_events(r, evs, n);
+  relay_after(r);
   deliver_results(r);
   /* What the handlers asked for (a dial, more bytes, a stop) runs now rather than a loop
    * iteration later; bounded, so a handler that always queues more cannot hold the loop. */
@@ -1140,11 +1252,240 @@ static void on_poll(uv_poll_t *p, int status, int events) {
 /* While connections are relayed or listeners accept, the relay keeps the process alive, as open
  * sockets would; with none, it never holds the event loop. */
 static void relay_ref(struct relay *r) {
+  if (r->main) {
+    /* The thread's count: Node's relay reads it to reference the wake-up call (on_async). */
+    if (__atomic_fetch_add(&r->active, 1, __ATOMIC_RELAXED) == 0) r->wake_main = true;
+    return;
+  }
   if (r->active++ == 0 && r->poll) uv_ref((uv_handle_t *)r->poll);
 }
 
 static void relay_unref(struct relay *r) {
+  if (r->main) {
+    if (r->active > 0 && __atomic_sub_fetch(&r->active, 1, __ATOMIC_RELAXED) == 0) r->wake_main = true;
+    return;
+  }
   if (r->active > 0 && --r->active == 0 && r->poll) uv_unref((uv_handle_t *)r->poll);
+}
+
+static void free_handle(uv_handle_t *h);
+
+/* ---- the relay thread ---------------------------------------------------------------------- */
+
+/* Appends n records to a growing array; false (they are lost) without memory. */
+static bool append_recs(struct fast_rec **arr, size_t *len, size_t *cap, const struct fast_rec *from, size_t n) {
+  if (*len + n > *cap) {
+    size_t want = *cap ? *cap : 64;
+    while (want < *len + n) want *= 2;
+    struct fast_rec *g = realloc(*arr, want * sizeof *g);
+    if (!g) return false;
+    *arr = g;
+    *cap = want;
+  }
+  memcpy(*arr + *len, from, n * sizeof *from);
+  *len += n;
+  return true;
+}
+
+/* The end of the thread's pass: records that are due and connections for JS go to Node's relay,
+ * which is woken for them (and when the thread starts or stops relaying anything). */
+static void worker_publish(struct relay *r) {
+  bool flush = r->nrecs > 0 && (r->fast_now || r->active == 0 || r->nrecs >= WORKER_FLUSH_RECS || now_ms() >= r->fast_due);
+  if (!flush && !r->hpend && !r->wake_main) return;
+  pthread_mutex_lock(&r->lock);
+  if (flush) {
+    if (r->nout == 0) {
+      /* Swapped rather than copied: the thread goes on in the outbox's old array. */
+      struct fast_rec *a = r->outbox;
+      size_t cap = r->out_cap;
+      r->outbox = r->recs;
+      r->out_cap = r->recs_cap;
+      r->nout = r->nrecs;
+      r->recs = a;
+      r->recs_cap = cap;
+    } else {
+      append_recs(&r->outbox, &r->nout, &r->out_cap, r->recs, r->nrecs);
+    }
+    r->nrecs = 0;
+    r->fast_due = -1;
+    r->fast_now = false;
+  }
+  if (r->hpend) {
+    if (r->handoffs_tail) r->handoffs_tail->qnext = r->hpend; else r->handoffs = r->hpend;
+    r->handoffs_tail = r->hpend_tail;
+    r->hpend = r->hpend_tail = NULL;
+  }
+  pthread_mutex_unlock(&r->lock);
+  r->wake_main = false;
+  uv_async_send(r->main->wake_async);
+}
+
+static void worker_commands(struct relay *r) {
+  uint64_t v;
+  while (read(r->wake_fd, &v, sizeof v) < 0 && errno == EINTR) {}
+  pthread_mutex_lock(&r->lock);
+  struct cmd *list = r->cmds;
+  r->cmds = r->cmds_tail = NULL;
+  pthread_mutex_unlock(&r->lock);
+  while (list) {
+    struct cmd *next = list->next;
+    struct listener *l = list->lst;
+    switch (list->kind) {
+      case CMD_LISTEN:
+        l->wnext = r->owned;
+        r->owned = l;
+        listener_add(r, l);
+        break;
+      case CMD_UNLISTEN:
+        listener_remove(r, l);
+        break;
+      case CMD_CLOSE_LISTENER:
+        for (struct conn *c = r->all, *n; c; c = n) {
+          n = c->next;
+          if (c->lst == l) finish(r, c, END_STOPPED);
+        }
+        break;
+      default:
+        break;
+    }
+    free(list);
+    list = next;
+  }
+}
+
+/* How long the thread may sleep: until the next deadline or the oldest record's batch is due. */
+static int worker_timeout(struct relay *r) {
+  int64_t now = now_ms();
+  int64_t due = r->ready ? now : r->next_deadline;
+  if (r->nrecs && (due < 0 || r->fast_due < due)) due = r->fast_due;
+  if (due < 0 || due - now > MAX_WAIT_MS) return MAX_WAIT_MS;
+  return due > now ? (int)(due - now) : 0;
+}
+
+static void *worker_main(void *arg) {
+  struct relay *r = arg;
+  struct epoll_event evs[MAX_EVENTS];
+  while (!__atomic_load_n(&r->stopping, __ATOMIC_ACQUIRE)) {
+    int n = epoll_wait(r->ep, evs, MAX_EVENTS, worker_timeout(r));
+    if (n < 0) n = 0;
+    relay_events(r, evs, n);
+    if (r->woken) {
+      r->woken = false;
+      worker_commands(r);
+    }
+    relay_after(r);
+    worker_publish(r);
+  }
+  return NULL;
+}
+
+/* A command for the relay thread, which it runs on its next pass. */
+static bool worker_cmd(struct relay *m, enum cmd_kind kind, struct listener *l) {
+  struct relay *w = m->worker;
+  struct cmd *cmd = calloc(1, sizeof *cmd);
+  if (!cmd) return false;
+  cmd->kind = kind;
+  cmd->lst = l;
+  pthread_mutex_lock(&w->lock);
+  if (w->cmds_tail) w->cmds_tail->next = cmd; else w->cmds = cmd;
+  w->cmds_tail = cmd;
+  pthread_mutex_unlock(&w->lock);
+  uint64_t one = 1;
+  while (write(w->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {}
+  return true;
+}
+
+/* Node's side of the wake-up: what the thread handed over, then a turn that reports it. */
+static void on_async(uv_async_t *a) {
+  struct relay *r = a->data, *w = r->worker;
+  pthread_mutex_lock(&w->lock);
+  struct conn *in = w->handoffs;
+  w->handoffs = w->handoffs_tail = NULL;
+  if (w->nout) {
+    if (r->nx == 0) {
+      struct fast_rec *x = r->xrecs;
+      size_t cap = r->x_cap;
+      r->xrecs = w->outbox;
+      r->x_cap = w->out_cap;
+      r->nx = w->nout;
+      w->outbox = x;
+      w->out_cap = cap;
+    } else {
+      append_recs(&r->xrecs, &r->nx, &r->x_cap, w->outbox, w->nout);
+    }
+    w->nout = 0;
+  }
+  uint32_t live = __atomic_load_n(&w->active, __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&w->lock);
+  if (in) {
+    struct conn *t = in;
+    while (t->qnext) t = t->qnext;
+    t->qnext = r->inbound;
+    r->inbound = in;
+  }
+  /* Connections on the thread keep the process alive, as the relay's own do. */
+  if (live > 0 && !r->async_ref) uv_ref((uv_handle_t *)r->wake_async);
+  else if (live == 0 && r->async_ref) uv_unref((uv_handle_t *)r->wake_async);
+  r->async_ref = live > 0;
+  relay_turn(r);
+}
+
+/* Starts the relay thread on first use; false (and threads_ok cleared) when it cannot. */
+static bool ensure_worker(napi_env env, struct relay *m) {
+  if (m->worker) return true;
+  if (!m->threads_ok) return false;
+  m->threads_ok = false;
+  uv_loop_t *loop = NULL;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || !loop) return false;
+  struct relay *w = calloc(1, sizeof *w);
+  uv_async_t *a = calloc(1, sizeof *a);
+  if (!w || !a) goto fail;
+  w->main = m;
+  w->env = env;
+  w->next_deadline = w->fast_due = w->timer_due = -1;
+  w->slots = m->slots;
+  w->nslots = m->nslots;
+  w->rng = m->rng ^ 0xD1B54A32D192ED03ULL;
+  if (w->rng == 0) w->rng = 1;
+  w->wake_fd = -1;
+  w->ep = epoll_create1(EPOLL_CLOEXEC);
+  if (w->ep < 0) goto fail;
+  w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  w->wake_side = (struct side){ NULL, NULL, 3 };
+  struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &w->wake_side };
+  if (w->wake_fd < 0 || epoll_ctl(w->ep, EPOLL_CTL_ADD, w->wake_fd, &ev) != 0) goto fail;
+  if (pthread_mutex_init(&w->lock, NULL) != 0) goto fail;
+  if (uv_async_init(loop, a, on_async) != 0) {
+    pthread_mutex_destroy(&w->lock);
+    goto fail;
+  }
+  a->data = m;
+  uv_unref((uv_handle_t *)a);
+  /* Signals stay with Node's thread. */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  int err = pthread_create(&w->thread, NULL, worker_main, w);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (err != 0) {
+    uv_close((uv_handle_t *)a, free_handle);
+    pthread_mutex_destroy(&w->lock);
+    a = NULL;
+    goto fail;
+  }
+  pthread_setname_np(w->thread, "tlsgate-relay");
+  m->wake_async = a;
+  m->worker = w;
+  m->threads_ok = true;
+  return true;
+fail:
+  if (w) {
+    close_fd(&w->ep);
+    close_fd(&w->wake_fd);
+  }
+  free(w);
+  free(a);
+  return false;
 }
 
 /* Accepted connections JS holds (hello reported, no decision yet). */
@@ -1238,12 +1579,13 @@ static void fast_extras(napi_env env, napi_value arr, uint32_t at, const struct 
   for (uint32_t i = 0; i < FAST_EXTRAS; i++) napi_set_element(env, arr, at + i, v[i]);
 }
 
-/* The turn's learned-route records: onFast(count, extras) per bufferful, the records in fast_buf. */
-static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool live) {
+/* Learned-route records: onFast(count, extras) per bufferful, the records in fast_buf. The end
+ * records of Node's relay let go of what kept the process alive for them (own_ends). */
+static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool live, const struct fast_rec *recs, size_t nrecs, bool own_ends) {
   napi_value fn;
   if (live) live = r->on_fast && r->fast_buf && napi_get_reference_value(env, r->on_fast, &fn) == napi_ok;
-  for (size_t i = 0; i < r->nrecs;) {
-    size_t n = r->nrecs - i;
+  for (size_t i = 0; i < nrecs;) {
+    size_t n = nrecs - i;
     if (live && n > r->fast_buf_recs) n = r->fast_buf_recs;
     if (live) {
       napi_handle_scope each;
@@ -1252,7 +1594,7 @@ static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool l
       uint32_t nx = 0;
       double now = (double)now_ms();
       for (size_t k = 0; k < n; k++) {
-        struct fast_rec *f = &r->recs[i + k];
+        const struct fast_rec *f = &recs[i + k];
         double *out = r->fast_buf + k * FAST_STRIDE;
         memcpy(out, f->v, sizeof f->v);
         out[12] = now - f->v[12];
@@ -1277,12 +1619,9 @@ static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool l
       }
       napi_close_handle_scope(env, each);
     }
-    for (size_t k = 0; k < n; k++) if (r->recs[i + k].v[0] == FAST_END) relay_unref(r);
+    if (own_ends) for (size_t k = 0; k < n; k++) if (recs[i + k].v[0] == FAST_END) relay_unref(r);
     i += n;
   }
-  r->nrecs = 0;
-  r->fast_due = -1;
-  r->fast_now = false;
 }
 
 /* A turn's reports, in order, inside one callback scope (microtasks run once, at its end). */
@@ -1290,7 +1629,9 @@ static void deliver_results(struct relay *r) {
   struct result *list = r->results;
   /* Records ride along with reports; on their own they wait for a batch (see FAST_FLUSH_MS). */
   bool fast = r->nrecs > 0 && (list || r->fast_now || r->nrecs >= r->fast_buf_recs || now_ms() >= r->fast_due);
-  if (!list && !fast) return;
+  /* The relay thread's records come already batched. */
+  bool xfast = r->nx > 0;
+  if (!list && !fast && !xfast) return;
   r->results = r->results_tail = NULL;
   napi_env env = r->env;
   napi_handle_scope hs;
@@ -1322,7 +1663,16 @@ static void deliver_results(struct relay *r) {
     free(list);
     list = next;
   }
-  if (fast) deliver_fast(env, r, undef, live);
+  if (fast) {
+    deliver_fast(env, r, undef, live, r->recs, r->nrecs, true);
+    r->nrecs = 0;
+    r->fast_due = -1;
+    r->fast_now = false;
+  }
+  if (xfast) {
+    deliver_fast(env, r, undef, live, r->xrecs, r->nx, false);
+    r->nx = 0;
+  }
   if (cs) napi_close_callback_scope(env, cs);
   napi_close_handle_scope(env, hs);
 }
@@ -1593,9 +1943,9 @@ static struct listener *listener_arg(napi_env env, struct relay *r, napi_value v
 
 /* helloCapBytes, helloTimeoutMs, maxConnections: for connections accepted from now on. */
 static void set_limits(struct listener *l, const uint32_t lim[3]) {
-  l->hello_cap = lim[0];
-  l->hello_timeout_ms = lim[1];
-  l->max_conns = lim[2];
+  __atomic_store_n(&l->hello_cap, lim[0], __ATOMIC_RELAXED);
+  __atomic_store_n(&l->hello_timeout_ms, lim[1], __ATOMIC_RELAXED);
+  __atomic_store_n(&l->max_conns, lim[2], __ATOMIC_RELAXED);
 }
 
 static bool listener_limits(napi_env env, napi_value *argv, uint32_t out[3]) {
@@ -1641,6 +1991,7 @@ static napi_value js_listen(napi_env env, napi_callback_info info) {
   l->wildcard = wildcard;
   set_limits(l, lim);
   l->side = (struct side){ NULL, l, 2 };
+  l->owner = r;
   l->id = ++r->next_lid;
   l->next = r->listeners;
   r->listeners = l;
@@ -1685,9 +2036,8 @@ static napi_value js_listener_stats(napi_env env, napi_callback_info info) {
   if (!l) return NULL;
   napi_value out, open, refused;
   napi_create_array_with_length(env, 2, &out);
-  napi_create_uint32(env, l->open, &open);
-  napi_create_uint32(env, l->refused, &refused);
-  l->refused = 0;
+  napi_create_uint32(env, load32(&l->open), &open);
+  napi_create_uint32(env, __atomic_exchange_n(&l->refused, 0, __ATOMIC_RELAXED), &refused);
   napi_set_element(env, out, 0, open);
   napi_set_element(env, out, 1, refused);
   return out;
@@ -1709,9 +2059,20 @@ static napi_value js_unlisten(napi_env env, napi_callback_info info) {
     return NULL;
   }
   int fd = -1;
-  /* The relay closes its dup only on the command below, so the dup here is safe. */
+  /* The relay (or its thread) closes its dup only on the command below, so the dup here is safe. */
   if (want && l->fd >= 0) fd = fcntl(l->fd, F_DUPFD_CLOEXEC, 0);
   if (want && fd < 0) return throw_errno(env, "unlisten: dup");
+  if (l->owner != r) {
+    if (!worker_cmd(r, CMD_UNLISTEN, l)) {
+      if (fd >= 0) close(fd);
+      napi_throw_error(env, NULL, "out of memory");
+      return NULL;
+    }
+    relay_unref(r);
+    napi_value out;
+    napi_create_int32(env, fd, &out);
+    return out;
+  }
   struct cmd *cmd = calloc(1, sizeof *cmd);
   if (!cmd) {
     if (fd >= 0) close(fd);
@@ -1736,6 +2097,11 @@ static napi_value js_close_listener_connections(napi_env env, napi_callback_info
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
   struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "closeListenerConnections(listenerId)");
   if (!l) return NULL;
+  /* Its connections may be on both: those JS decided on here, the rest on the thread. */
+  if (r->worker && !worker_cmd(r, CMD_CLOSE_LISTENER, l)) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
   push_listener_cmd(env, r, CMD_CLOSE_LISTENER, l);
   return NULL;
 }
@@ -1748,7 +2114,8 @@ static napi_value js_release(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
   struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "release(listenerId)");
   if (!l) return NULL;
-  if (l->open > 0) l->open--;
+  uint32_t n = load32(&l->open);
+  while (n > 0 && !__atomic_compare_exchange_n(&l->open, &n, n - 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
   return NULL;
 }
 
@@ -2022,8 +2389,10 @@ static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
     }
     rt->total += rt->weight[i];
   }
+  pthread_mutex_lock(&r->fast_lock);
   if (!l->fast && !(l->fast = calloc(1, sizeof *l->fast))) {
     fast_route_unref(rt);
+    pthread_mutex_unlock(&r->fast_lock);
     napi_throw_error(env, NULL, "out of memory");
     return NULL;
   }
@@ -2031,6 +2400,15 @@ static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
   l->fast->log = log;
   bool ok = fast_learn(l->fast, t == napi_null ? NULL : sni, t == napi_null ? -1 : (int)sni_len, rt);
   fast_route_unref(rt);
+  pthread_mutex_unlock(&r->fast_lock);
+  /* A listener with learned routes accepts on the relay thread from now on (it stays there). A
+   * wake-up of Node's loop that already reported it only accepts once more here. */
+  if (ok && l->owner == r && !l->closed && ensure_worker(env, r)) {
+    l->owner = r->worker;
+    l->paused = false;
+    if (worker_cmd(r, CMD_LISTEN, l)) epoll_ctl(r->ep, EPOLL_CTL_DEL, l->fd, NULL);
+    else l->owner = r;
+  }
   napi_value out;
   napi_get_boolean(env, ok, &out);
   return out;
@@ -2044,8 +2422,10 @@ static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
   struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "fastForget(listenerId)");
   if (!l) return NULL;
+  pthread_mutex_lock(&r->fast_lock);
   fast_table_free(l->fast);
   l->fast = NULL;
+  pthread_mutex_unlock(&r->fast_lock);
   return NULL;
 }
 
@@ -2125,10 +2505,71 @@ static napi_value js_init(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* A connection the relay (or its thread) still holds at teardown: closed and freed. */
+static void drop_conn(struct relay *r, struct conn *c) {
+  fast_route_unref(c->froute);
+  free_conn_fds(r, c);
+  free(c);
+}
+
+static void drop_list(struct relay *r, struct conn *c) {
+  while (c) {
+    struct conn *n = c->qnext;
+    drop_conn(r, c);
+    c = n;
+  }
+}
+
+/* Stops the relay thread and drops what it held (before the listeners go: its connections point
+ * at them). */
+static void stop_worker(struct relay *m) {
+  struct relay *w = m->worker;
+  if (!w) return;
+  __atomic_store_n(&w->stopping, true, __ATOMIC_RELEASE);
+  uint64_t one = 1;
+  while (write(w->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {}
+  pthread_join(w->thread, NULL);
+  uv_close((uv_handle_t *)m->wake_async, free_handle);
+  m->wake_async = NULL;
+  while (w->ready) {
+    struct conn *q = w->ready;
+    w->ready = q->qnext;
+    if (q->closed) free(q);
+  }
+  while (w->dead) {
+    struct conn *q = w->dead;
+    w->dead = q->qnext;
+    free(q);
+  }
+  for (struct conn *c = w->all; c;) {
+    struct conn *n = c->next;
+    drop_conn(w, c);
+    c = n;
+  }
+  drop_list(w, w->hpend);
+  drop_list(w, w->handoffs);
+  drop_list(m, m->inbound);
+  m->inbound = NULL;
+  while (w->cmds) {
+    struct cmd *c = w->cmds;
+    w->cmds = c->next;
+    free(c);
+  }
+  close_fd(&w->ep);
+  close_fd(&w->wake_fd);
+  drain_pipe_pool(w);
+  pthread_mutex_destroy(&w->lock);
+  free(w->recs);
+  free(w->outbox);
+  free(w);
+  m->worker = NULL;
+}
+
 /* Environment teardown: the handles stop (and are freed once closed), then whatever the relay
  * still held is dropped. */
 static void cleanup(void *arg) {
   struct relay *r = arg;
+  stop_worker(r);
   if (r->started) {
     uv_poll_stop(r->poll);
     uv_timer_stop(r->timer);
@@ -2184,6 +2625,8 @@ static void cleanup(void *arg) {
   }
   drain_pipe_pool(r);
   free(r->recs);
+  free(r->xrecs);
+  pthread_mutex_destroy(&r->fast_lock);
   free(r);
 }
 
@@ -2195,6 +2638,11 @@ static napi_value init_module(napi_env env, napi_value exports) {
   r->fast_due = -1;
   r->timer_due = -1;
   r->env = env;
+  r->wake_fd = -1;
+  pthread_mutex_init(&r->fast_lock, NULL);
+  /* TLSGATE_RELAY_THREAD=0 keeps learned routes on Node's loop (measurements, a fallback). */
+  const char *thr = getenv("TLSGATE_RELAY_THREAD");
+  r->threads_ok = !(thr && strcmp(thr, "0") == 0);
   napi_property_descriptor props[] = {
     { "init", NULL, js_init, NULL, NULL, NULL, napi_enumerable, r },
     { "start", NULL, js_start, NULL, NULL, NULL, napi_enumerable, r },

@@ -4,10 +4,13 @@
 // JS-routed ones are: the upstream's own certificate and echo, access-log lines with the same
 // fields and exact byte counts, weighted splits, ROUND_ROBIN order, maxConnections counted across
 // both paths (the shared active counts), a ClientHello dripped one byte at a time, a reload that
-// moves the SNI, and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
+// moves the SNI, the relay thread that serves learned routes (what it hands to JS, a listener it
+// stops), TLSGATE_RELAY_THREAD=0 and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
 import assert from 'node:assert/strict';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
+import tls from 'node:tls';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { certDir, makeCa, makeLeaf, type Ca } from '../helpers/certs.js';
@@ -24,6 +27,28 @@ const exchange = (port: number, servername: string, ca: string, line?: string): 
   tlsExchange(port, servername, ca, line, ['h2', 'http/1.1']);
 
 const entryFor = (gw: Gateway, down: string): Promise<Record<string, unknown>> => accessEntry(gw, down, 'tcp');
+
+/** The addon's relay thread in process `pid`: its id and the CPU time it has run (ns), or undefined. */
+async function relayThread(pid: number): Promise<{ tid: string; runNs: number } | undefined> {
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    const comm = await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8').catch(() => '');
+    if (comm.trim() !== 'tlsgate-relay') continue;
+    const sched = await readFile(`/proc/${pid}/task/${tid}/schedstat`, 'utf8');
+    return { tid, runNs: Number(sched.split(' ')[0]) };
+  }
+  return undefined;
+}
+
+/** Resolves with everything read once the peer closed or ended its side (or rejects after `ms`). */
+function closedWith(s: net.Socket, ms = 5_000): Promise<Buffer> {
+  const got: Buffer[] = [];
+  s.on('data', (b: Buffer) => got.push(b));
+  const done = new Promise<Buffer>((resolve) => {
+    s.once('end', () => resolve(Buffer.concat(got)));
+    s.once('close', () => resolve(Buffer.concat(got)));
+  });
+  return within(done, ms, 'the gateway closing the connection');
+}
 
 /** A plain TCP upstream that keeps every connection open and records what each received. */
 async function startHolder(): Promise<{ port: number; conns: { socket: net.Socket; bytes: Buffer[] }[]; close(): void }> {
@@ -122,7 +147,7 @@ spec:
     dir = await mkdirTemp();
     ca = await makeCa(dir, 'ca', '/O=learned routes/CN=lr-upstream-ca');
     for (const [i, name] of (['a', 'b', 'r1', 'r2'] as const).entries()) {
-      const leaf = await makeLeaf(dir, ca, name, { cn: `${name}.upstream`, sans: ['DNS:a.example.com', 'DNS:w.example.com', 'DNS:rr.example.com'], serial: 10 + i });
+      const leaf = await makeLeaf(dir, ca, name, { cn: `${name}.upstream`, sans: ['DNS:a.example.com', 'DNS:w.example.com', 'DNS:rr.example.com', 'DNS:x.example.com'], serial: 10 + i });
       echo[name] = await startTcpEcho({ tls: { cert: leaf.cert, key: leaf.key } });
     }
     holder = await startHolder();
@@ -282,12 +307,111 @@ spec:
     s.destroy();
   });
 
+  it('learned routes run on the relay thread: it exists once a route is learned, and it is what relays the connections', async () => {
+    await exchange(P, 'a.example.com', ca.certPem);
+    const t0 = await until('the relay thread', () => relayThread(gw.pid));
+    const before = await native();
+    for (let i = 0; i < 20; i++) assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'a.upstream');
+    await until('20 native routes', async () => ((await native()) - before >= 20 ? true : undefined));
+    const t1 = await relayThread(gw.pid);
+    assert.equal(t1?.tid, t0.tid);
+    // Accepting, dialling and relaying 20 TLS exchanges is CPU time of that thread.
+    assert.ok(t1!.runNs > t0.runNs, `relay thread ran ${t1!.runNs - t0.runNs} ns`);
+  });
+
+  it('on the relay thread, an SNI not learned yet, an unknown SNI, no SNI and bytes that are not TLS go to JS, which routes or refuses them as before', async () => {
+    await exchange(P, 'a.example.com', ca.certPem);
+    await until('the listener accepting on the relay thread', () => relayThread(gw.pid));
+    // A route JS has not taught the relay yet: handed to JS, routed, then learned.
+    const first = await exchange(P, 'rr.example.com', ca.certPem);
+    assert.ok(['r1.upstream', 'r2.upstream'].includes(first.cn));
+    assert.equal((await entryFor(gw, first.down)).reason, 'ok');
+    const probe = async (bytes: Buffer): Promise<{ data: Buffer; reason: unknown }> => {
+      const s = await dial(P);
+      const down = `127.0.0.1:${s.localPort}`;
+      const closed = closedWith(s);
+      s.write(bytes);
+      const data = await closed;
+      s.destroy();
+      return { data, reason: (await accessEntry(gw, down)).reason };
+    };
+    const unknown = await probe(await captureHello('nobody.example.com'));
+    assert.equal(unknown.reason, 'no_sni_match');
+    assert.equal(unknown.data[0], 0x15, 'a TLS alert');
+    assert.equal((await probe(await captureHello(undefined))).reason, 'no_sni');
+    const noise = randomBytes(300);
+    noise[0] = 0x47;
+    const notTls = await probe(noise);
+    assert.deepEqual([notTls.reason, notTls.data.length], ['not_tls', 0]);
+    // And the learned SNIs still go straight through.
+    assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'a.upstream');
+  });
+
+  it('a listener on the relay thread stops accepting when a reload removes its port; its open connection goes on and is still logged', { timeout: 30_000 }, async () => {
+    const [P2] = await freePorts(1) as [number];
+    const extra = path.join(cfg, 'extra.yaml');
+    const generation = async (): Promise<number> => (JSON.parse((await gw.admin('/config_dump')).body) as { generation: number }).generation;
+    let gen = await generation();
+    await writeFile(extra, gateway(P2, { 'x.example.com': [['a.upstream.local', 100]] }).replace(/name: gw\b/, 'name: gw2').replace('gateways: [gw]', 'gateways: [gw2]').replace('name: pass', 'name: pass2'));
+    await until('the new port', async () => ((await generation()) > gen ? true : undefined));
+    const L2 = `127.0.0.1_${P2}`;
+    await exchange(P2, 'x.example.com', ca.certPem); // JS routes it and teaches the relay
+    assert.equal((await exchange(P2, 'x.example.com', ca.certPem)).cn, 'a.upstream');
+    await until('a native route on the new port', async () => ((await metric(gw, 'native_routed_connections_total', { listener: L2 })) >= 1 ? true : undefined));
+    // A connection routed by the relay thread, kept open across the reload.
+    const held = tls.connect({ host: '127.0.0.1', port: P2, servername: 'x.example.com', ca: ca.certPem });
+    held.on('error', () => {});
+    await within(new Promise((r) => held.once('secureConnect', r)), 5_000, 'held handshake');
+    const down = `127.0.0.1:${held.localPort}`;
+    gen = await generation();
+    await unlink(extra);
+    await until('the port removed', async () => ((await generation()) > gen ? true : undefined));
+    await until('connections refused', () => new Promise<boolean | undefined>((resolve) => {
+      const s = net.connect({ host: '127.0.0.1', port: P2 });
+      s.once('error', () => resolve(true));
+      s.once('connect', () => { s.destroy(); resolve(undefined); });
+    }));
+    // Open connections outlive their listener (a reload does not cut them).
+    held.write('still here\n');
+    const echoed = await within(new Promise<string>((r) => held.once('data', (b: Buffer) => r(b.toString()))), 5_000, 'echo after the reload');
+    assert.equal(echoed, 'still here\n');
+    const closed = within(new Promise((r) => held.once('close', r)), 5_000, 'the held connection closing');
+    held.end();
+    await closed;
+    const e = await accessEntry(gw, down, 'tcp');
+    assert.deepEqual([e.reason, e.sni, e.upstream, e.listener], ['ok', 'x.example.com', `127.0.0.1:${echo.a.port}`, L2]);
+  });
+
   it('a reload that sends the SNI elsewhere takes effect for the very next connection', { timeout: 30_000 }, async () => {
     assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'a.upstream'); // learned
     const gen = JSON.parse((await gw.admin('/config_dump')).body) as { generation: number };
     await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes('b.upstream.local')));
     await until('new generation', async () => ((JSON.parse((await gw.admin('/config_dump')).body) as { generation: number }).generation > gen.generation ? true : undefined));
     for (let i = 0; i < 3; i++) assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'b.upstream');
+  });
+
+  describe('TLSGATE_RELAY_THREAD=0', () => {
+    let unthreaded: Gateway;
+    let Q: number;
+    before(async () => {
+      [Q] = await freePorts(1) as [number];
+      const c2 = path.join(dir, 'config-unthreaded');
+      await mkdir(c2, { recursive: true });
+      await writeFile(path.join(c2, 'services.yaml'), services());
+      await writeFile(path.join(c2, 'main.yaml'), gateway(Q, mainRoutes('a.upstream.local')));
+      unthreaded = await startTlsgate({ configPaths: [c2], env: { TLSGATE_RELAY_THREAD: '0' }, args: ['--relay', 'native'] });
+    });
+    after(async () => { await unthreaded?.stop(); });
+
+    it('learned routes run on Node\'s loop: no relay thread, the same routing and access log', async () => {
+      const runs: Exchange[] = [];
+      for (let i = 0; i < 4; i++) runs.push(await exchange(Q, 'a.example.com', ca.certPem));
+      assert.ok(runs.every((x) => x.cn === 'a.upstream'));
+      await until('3 native routes', async () => ((await metric(unthreaded, 'native_routed_connections_total')) === 3 ? true : undefined));
+      assert.equal(await relayThread(unthreaded.pid), undefined);
+      const entries = await Promise.all(runs.map((x) => entryFor(unthreaded, x.down)));
+      assert.deepEqual(entries.map((e) => [e.reason, e.sni, e.upstream, e.bytesReceived]), runs.map((x) => ['ok', 'a.example.com', `127.0.0.1:${echo.a.port}`, x.written]));
+    });
   });
 
   describe('TLSGATE_NATIVE_ROUTES=0', () => {

@@ -1,9 +1,9 @@
 /**
  * Active-connection counts the cluster manager keeps (per endpoint and per cluster) live in one
  * Int32Array, a slot each, so that the native relay's learned routes count in the same numbers as
- * JS does (LEAST_REQUEST, maxConnections): the addon reads and writes the same memory, on the
- * same thread. A slot is reused only once its owner is gone and its count is back to 0
- * (connections on it still held by the addon keep it).
+ * JS does (LEAST_REQUEST, maxConnections). The addon's relay thread reads and writes the same
+ * memory, so counts change only atomically (Atomics.add here). A slot is reused only once its
+ * owner is gone and its count is back to 0 (connections on it still held by the addon keep it).
  */
 export const activeSlots = new Int32Array(1 << 18);
 let nextSlot = 0;

@@ -332,9 +332,10 @@ class Host {
     return this.#slot >= 0 ? activeSlots[this.#slot]! : this.#active;
   }
 
-  set active(n: number) {
-    if (this.#slot >= 0) activeSlots[this.#slot] = n;
-    else this.#active = n;
+  /** Atomically: the addon's relay thread counts in the same slot. */
+  addActive(d: number): void {
+    if (this.#slot >= 0) Atomics.add(activeSlots, this.#slot, d);
+    else this.#active += d;
   }
 
   get slot(): number {
@@ -348,7 +349,7 @@ class Host {
       this.#slot = prev.#slot;
       prev.#slot = -1;
     } else {
-      this.active = prev.#active;
+      this.#active = prev.#active;
     }
   }
 }
@@ -383,9 +384,10 @@ class ClusterState {
     return this.slot >= 0 ? activeSlots[this.slot]! : this.#active;
   }
 
-  set active(n: number) {
-    if (this.slot >= 0) activeSlots[this.slot] = n;
-    else this.#active = n;
+  /** Atomically: the addon's relay thread counts in the same slot. */
+  addActive(d: number): void {
+    if (this.slot >= 0) Atomics.add(activeSlots, this.slot, d);
+    else this.#active += d;
   }
 
   constructor(readonly cluster: Cluster, random: (() => number) | undefined) {
@@ -873,18 +875,18 @@ export class ClusterManager {
       reject(new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' }));
       return;
     }
-    h.active++;
-    s.active++;
+    h.addActive(1);
+    s.addActive(1);
     this.#dial(h, s.cluster, opts.sni, opts.timeoutMs ?? s.cluster.connectTimeoutMs, undefined, (err, socket) => {
       if (err !== null || socket === null) {
-        h.active--;
-        s.active--;
+        h.addActive(-1);
+        s.addActive(-1);
         reject(classify(err, clusterName, h.label));
         return;
       }
       socket.once('close', () => {
-        h.active--;
-        s.active--;
+        h.addActive(-1);
+        s.addActive(-1);
       });
       resolve({ socket, endpoint: h.label });
     });
@@ -933,16 +935,16 @@ export class ClusterManager {
     if (!Array.isArray(hosts) || !allIpLiterals(hosts)) return undefined;
     const h = s.lb.pick(hosts);
     if (h === undefined) return new UpstreamError('no_healthy_upstream', `cluster ${clusterName} has no endpoints`, { cluster: clusterName, code: 'NO_ENDPOINTS' });
-    h.active++;
-    s.active++;
+    h.addActive(1);
+    s.addActive(1);
     let held = true;
     return {
       address: h.address, port: h.port, endpoint: h.label, timeoutMs: s.cluster.connectTimeoutMs,
       release: () => {
         if (!held) return;
         held = false;
-        h.active--;
-        s.active--;
+        h.addActive(-1);
+        s.addActive(-1);
       },
     };
   }
@@ -1045,14 +1047,14 @@ class Exchange implements UpstreamControl {
   /** Counts the request on its cluster (active and pending until undici writes it). */
   begin(s: ClusterState): void {
     this.#state = s;
-    s.active++;
+    s.addActive(1);
     s.pending++;
     this.#pending = true;
   }
 
   attach(h: Host): void {
     this.#host = h;
-    h.active++;
+    h.addActive(1);
   }
 
   abortError(): UpstreamError {
@@ -1072,10 +1074,10 @@ class Exchange implements UpstreamControl {
     const s = this.#state;
     if (s === undefined) return;
     this.#state = undefined;
-    s.active--;
+    s.addActive(-1);
     if (this.#pending) s.pending--;
     this.#pending = false;
-    if (this.#host !== undefined) this.#host.active--;
+    if (this.#host !== undefined) this.#host.addActive(-1);
   }
 
   /** Takes effect when the current chunk returns to undici (onData answers false). */
