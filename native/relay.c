@@ -87,8 +87,11 @@ static const char *const REASONS[] = {
 };
 /* Hello report status: bytes arrived / the peer closed / the hello timeout passed / reset. */
 enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
-/* Accepts per listener per wake-up (a level-triggered listener wakes again for the rest). */
+/* Accepts per listener per wake-up (a level-triggered listener wakes again for the rest). The relay
+ * thread takes one, as nginx does by default: its passes are cheap (no Node loop around them), and
+ * a pass that also serves the events already waiting saves the accept that would find nothing. */
 #define ACCEPT_BATCH 64
+#define WORKER_ACCEPT_BATCH 1
 /* After EMFILE and the like, the listener rests this long before accepting again. */
 #define ACCEPT_RETRY_MS 100
 /* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
@@ -997,7 +1000,8 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
 
 /* Accepts what is queued, up to a batch; over the listener's limit a connection is closed at once. */
 static void accept_ready(struct relay *r, struct listener *l) {
-  for (int i = 0; i < ACCEPT_BATCH && !l->closed; i++) {
+  int batch = r->main ? WORKER_ACCEPT_BATCH : ACCEPT_BATCH;
+  for (int i = 0; i < batch && !l->closed; i++) {
     struct sockaddr_storage peer;
     socklen_t plen = sizeof peer;
     int fd = accept4(l->fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
