@@ -8,10 +8,11 @@
  * One epoll set per Node environment serves every connection JS hands over. It runs on Node's own
  * event loop (a uv_poll on the epoll descriptor, and a timer for deadlines), as nginx runs one
  * loop per worker: no wake-ups, eventfds or locks cross between threads per connection (the
- * relay thread below serves only connections that need no JS). JS hands over a pair of sockets it no longer reads or writes; the addon dup()s
- * both descriptors (a socket JS closes or destroys can never turn into a recycled fd number
- * here), and reports back exactly once per connection: the bytes each side read and wrote, and
- * why it ended. JS keeps its own sockets open until then and closes them on that report.
+ * relay thread below serves only connections that need no JS). JS hands over a pair of sockets
+ * it no longer reads or writes; the addon dup()s both descriptors (a socket JS closes or destroys
+ * can never turn into a recycled fd number here), and reports back exactly once per connection:
+ * the bytes each side read and wrote, and why it ended. JS keeps its own sockets open until then
+ * and closes them on that report.
  *
  * Semantics match the JS relay: backpressure (a side is not read while its pipe still holds
  * bytes the other side has not taken), EOF forwarded as a half-close once the pipe is drained,
@@ -292,6 +293,8 @@ struct relay {
    * connections it handed over, and its records, delivered with the next reports. */
   uv_async_t *wake_async;
   bool async_ref;
+  /* Records the thread made that JS has not had yet (busy(): a shutdown waits for them). */
+  uint32_t undelivered;
   struct conn *inbound;
   struct fast_rec *xrecs;
   size_t nx, x_cap;
@@ -478,6 +481,7 @@ static struct fast_rec *fast_rec(struct relay *r, struct conn *c, int kind) {
     r->recs_cap = cap;
   }
   if (r->nrecs == 0) r->fast_due = now_ms() + FAST_FLUSH_MS;
+  if (r->main) __atomic_add_fetch(&r->main->undelivered, 1, __ATOMIC_RELAXED);
   struct fast_rec *f = &r->recs[r->nrecs++];
   memset(f->v, 0, sizeof f->v);
   f->extras = false;
@@ -785,7 +789,8 @@ static void add_conn(struct relay *r, struct conn *c) {
 /* ---- accepted connections: the hello stage ---------------------------------------------- */
 
 /* Hands the connection and the bytes read since the last report to JS, which now owns it. The
- * relay thread hands it to Node's relay first, which does this there (CMD_HANDOFF). */
+ * relay thread hands it to Node's relay first (published at the end of its pass), which does this
+ * there (take_inbound). */
 static void deliver_hello(struct relay *r, struct conn *c, int status) {
   if (r->main) {
     epoll_ctl(r->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
@@ -1291,6 +1296,25 @@ static bool append_recs(struct fast_rec **arr, size_t *len, size_t *cap, const s
   return true;
 }
 
+/* Moves every record of `from` to the end of `to`: the arrays are swapped when `to` is empty (the
+ * sender goes on in the receiver's old array), else copied. Returns how many were lost (no memory). */
+static size_t move_recs(struct fast_rec **to, size_t *nto, size_t *cto, struct fast_rec **from, size_t *nfrom, size_t *cfrom) {
+  size_t lost = 0;
+  if (*nto == 0) {
+    struct fast_rec *a = *to;
+    size_t cap = *cto;
+    *to = *from;
+    *cto = *cfrom;
+    *nto = *nfrom;
+    *from = a;
+    *cfrom = cap;
+  } else if (!append_recs(to, nto, cto, *from, *nfrom)) {
+    lost = *nfrom;
+  }
+  *nfrom = 0;
+  return lost;
+}
+
 /* The end of the thread's pass: records that are due and connections for JS go to Node's relay,
  * which is woken for them (and when the thread starts or stops relaying anything). */
 static void worker_publish(struct relay *r) {
@@ -1298,19 +1322,8 @@ static void worker_publish(struct relay *r) {
   if (!flush && !r->hpend && !r->wake_main) return;
   pthread_mutex_lock(&r->lock);
   if (flush) {
-    if (r->nout == 0) {
-      /* Swapped rather than copied: the thread goes on in the outbox's old array. */
-      struct fast_rec *a = r->outbox;
-      size_t cap = r->out_cap;
-      r->outbox = r->recs;
-      r->out_cap = r->recs_cap;
-      r->nout = r->nrecs;
-      r->recs = a;
-      r->recs_cap = cap;
-    } else {
-      append_recs(&r->outbox, &r->nout, &r->out_cap, r->recs, r->nrecs);
-    }
-    r->nrecs = 0;
+    size_t lost = move_recs(&r->outbox, &r->nout, &r->out_cap, &r->recs, &r->nrecs, &r->recs_cap);
+    if (lost) __atomic_sub_fetch(&r->main->undelivered, (uint32_t)lost, __ATOMIC_RELAXED);
     r->fast_due = -1;
     r->fast_now = false;
   }
@@ -1405,20 +1418,8 @@ static void on_async(uv_async_t *a) {
   pthread_mutex_lock(&w->lock);
   struct conn *in = w->handoffs;
   w->handoffs = w->handoffs_tail = NULL;
-  if (w->nout) {
-    if (r->nx == 0) {
-      struct fast_rec *x = r->xrecs;
-      size_t cap = r->x_cap;
-      r->xrecs = w->outbox;
-      r->x_cap = w->out_cap;
-      r->nx = w->nout;
-      w->outbox = x;
-      w->out_cap = cap;
-    } else {
-      append_recs(&r->xrecs, &r->nx, &r->x_cap, w->outbox, w->nout);
-    }
-    w->nout = 0;
-  }
+  size_t lost = w->nout ? move_recs(&r->xrecs, &r->nx, &r->x_cap, &w->outbox, &w->nout, &w->out_cap) : 0;
+  if (lost) __atomic_sub_fetch(&r->undelivered, (uint32_t)lost, __ATOMIC_RELAXED);
   uint32_t live = __atomic_load_n(&w->active, __ATOMIC_RELAXED);
   pthread_mutex_unlock(&w->lock);
   if (in) {
@@ -1675,6 +1676,7 @@ static void deliver_results(struct relay *r) {
   }
   if (xfast) {
     deliver_fast(env, r, undef, live, r->xrecs, r->nx, false);
+    __atomic_sub_fetch(&r->undelivered, (uint32_t)r->nx, __ATOMIC_RELAXED);
     r->nx = 0;
   }
   if (cs) napi_close_callback_scope(env, cs);
@@ -2433,6 +2435,24 @@ static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* busy() -> whether the relay thread still holds connections, commands or records JS has not had
+ * (a shutdown that just closed every connection waits for their last records). */
+static napi_value js_busy(napi_env env, napi_callback_info info) {
+  struct relay *r;
+  napi_get_cb_info(env, info, NULL, NULL, NULL, (void **)&r);
+  bool busy = false;
+  struct relay *w = r->worker;
+  if (w) {
+    pthread_mutex_lock(&w->lock);
+    busy = w->cmds != NULL || w->handoffs != NULL;
+    pthread_mutex_unlock(&w->lock);
+    busy = busy || __atomic_load_n(&w->active, __ATOMIC_RELAXED) > 0 || __atomic_load_n(&r->undelivered, __ATOMIC_RELAXED) > 0;
+  }
+  napi_value out;
+  napi_get_boolean(env, busy, &out);
+  return out;
+}
+
 /* scanHello(bytes, maxBytes) -> [kind ('need-more' | 'tls' | 'other'), sni, alpn (latin1), ech]:
  * the relay's ClientHello reader on its own, for tests that hold it to client-hello.ts. */
 static napi_value js_scan_hello(napi_env env, napi_callback_info info) {
@@ -2666,6 +2686,7 @@ static napi_value init_module(napi_env env, napi_value exports) {
     { "fastLearn", NULL, js_fast_learn, NULL, NULL, NULL, napi_enumerable, r },
     { "fastForget", NULL, js_fast_forget, NULL, NULL, NULL, napi_enumerable, r },
     { "scanHello", NULL, js_scan_hello, NULL, NULL, NULL, napi_enumerable, r },
+    { "busy", NULL, js_busy, NULL, NULL, NULL, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_add_env_cleanup_hook(env, cleanup, r);

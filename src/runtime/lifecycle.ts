@@ -15,7 +15,7 @@ import { SecureContextCache } from './pki/context-cache.js';
 import { ClusterManager } from './upstream/cluster-manager.js';
 import { createHttpHandler } from './chain/http.js';
 import { handleConnect } from './chain/connect.js';
-import { forgetAllFastRoutes } from './chain/native-relay.js';
+import { forgetAllFastRoutes, nativeRelayBusy } from './chain/native-relay.js';
 
 export interface ApplyResult {
   ok: boolean;
@@ -460,6 +460,9 @@ export class DataPlane {
   async close(): Promise<void> {
     await this.stopAccepting();
     for (const l of this.#listeners.values()) l.closeAll();
+    // The relay thread ends its connections and sends their records over in a moment: wait for
+    // them (bounded), or their access-log lines would be lost with the process.
+    for (let i = 0; i < 100 && nativeRelayBusy(); i++) await new Promise((r) => setTimeout(r, 10));
     this.#current?.retire();
     await this.#clusters?.close();
   }

@@ -5,7 +5,8 @@
 // fields and exact byte counts, weighted splits, ROUND_ROBIN order, maxConnections counted across
 // both paths (the shared active counts), a ClientHello dripped one byte at a time, a reload that
 // moves the SNI, the relay thread that serves learned routes (what it hands to JS, a listener it
-// stops), TLSGATE_RELAY_THREAD=0 and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
+// stops, concurrent clients and reloads leaving the shared counts exact), TLSGATE_RELAY_THREAD=0
+// and TLSGATE_NATIVE_ROUTES=0. Skipped when the addon is not built.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
@@ -378,8 +379,72 @@ spec:
     const closed = within(new Promise((r) => held.once('close', r)), 5_000, 'the held connection closing');
     held.end();
     await closed;
-    const e = await accessEntry(gw, down, 'tcp');
-    assert.deepEqual([e.reason, e.sni, e.upstream, e.listener], ['ok', 'x.example.com', `127.0.0.1:${echo.a.port}`, L2]);
+    // The client port may have served an earlier test's connection: the line is the one on L2.
+    const e = await until('the held connection logged', () => gw.accessLogs().filter((x) => x.downstream === down && x.listener === L2 && x.kind === 'tcp').at(-1));
+    assert.deepEqual([e.reason, e.sni, e.upstream], ['ok', 'x.example.com', `127.0.0.1:${echo.a.port}`]);
+  });
+
+  it('under concurrent load and reloads, the active counts both threads keep stay exact: afterwards maxConnections 2 admits two, refuses the third', { timeout: 60_000 }, async () => {
+    const generation = async (): Promise<number> => (JSON.parse((await gw.admin('/config_dump')).body) as { generation: number }).generation;
+    let stop = false;
+    // Reloads: a.example.com flips between two upstreams; every apply forgets the learned routes.
+    const reloads = (async () => {
+      for (let i = 0; i < 6; i++) {
+        await sleep(200);
+        const gen = await generation();
+        await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes(i % 2 === 0 ? 'b.upstream.local' : 'a.upstream.local')));
+        await until(`reload ${i + 1} applied`, async () => ((await generation()) > gen ? true : undefined), 20_000);
+      }
+    })();
+    let exchanges = 0;
+    let holds = 0;
+    const worker = async (k: number): Promise<void> => {
+      while (!stop) {
+        if (k % 2 === 0) {
+          const sni = ['a.example.com', 'w.example.com', 'rr.example.com'][exchanges % 3]!;
+          const x = await exchange(P, sni, ca.certPem, `k${k}\n`);
+          assert.ok(['a.upstream', 'b.upstream', 'r1.upstream', 'r2.upstream'].includes(x.cn), `${sni} reached ${x.cn}`);
+          assert.equal(x.reply, `k${k}\n`);
+          exchanges++;
+        } else {
+          // The held cluster: admitted or refused (upstream_overflow), then closed by the client.
+          const c = await dial(P);
+          c.write(helloHold);
+          await sleep(2 + (holds % 7) * 3);
+          c.destroy();
+          holds++;
+        }
+      }
+    };
+    const workers = Array.from({ length: 12 }, (_, k) => worker(k));
+    await reloads;
+    stop = true;
+    await Promise.all(workers);
+    assert.ok(exchanges >= 30 && holds >= 30, `${exchanges} exchanges, ${holds} held connections`);
+    await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes('a.upstream.local')));
+    await until('back to the first config', async () => ((await exchange(P, 'a.example.com', ca.certPem)).cn === 'a.upstream' ? true : undefined));
+    await until('no open connection left', async () => ((await metric(gw, 'downstream_connections_active', { listener: L() })) === 0 ? true : undefined));
+    // The hold cluster's count is back to exactly 0: two connections are admitted, the third refused.
+    const start = holder.conns.length;
+    const held: net.Socket[] = [];
+    try {
+      for (let i = 0; i < 2; i++) {
+        const c = await dial(P);
+        c.write(helloHold);
+        held.push(c);
+        await until(`held connection ${i + 1} upstream`, () => (holder.conns.length >= start + i + 1 ? true : undefined));
+      }
+      const third = await dial(P);
+      const down3 = `127.0.0.1:${third.localPort}`;
+      const closed = closedWith(third);
+      third.write(helloHold);
+      await closed;
+      third.destroy();
+      assert.equal((await entryFor(gw, down3)).reason, 'upstream_overflow');
+      assert.equal(holder.conns.length, start + 2);
+    } finally {
+      for (const c of held) c.destroy();
+    }
   });
 
   it('a reload that sends the SNI elsewhere takes effect for the very next connection', { timeout: 30_000 }, async () => {
@@ -390,23 +455,34 @@ spec:
     for (let i = 0; i < 3; i++) assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'b.upstream');
   });
 
+  /** A second gateway with the same config on a port of its own, started with `env`. */
+  async function variant(name: string, env: Record<string, string>): Promise<{ gw: Gateway; port: number }> {
+    const [port] = await freePorts(1) as [number];
+    const c2 = path.join(dir, name);
+    await mkdir(c2, { recursive: true });
+    await writeFile(path.join(c2, 'services.yaml'), services());
+    await writeFile(path.join(c2, 'main.yaml'), gateway(port, mainRoutes('a.upstream.local')));
+    return { gw: await startTlsgate({ configPaths: [c2], env, args: ['--relay', 'native'] }), port };
+  }
+
+  /** Four exchanges with a.example.com on `port`, each reaching a.upstream. */
+  async function fourToA(port: number): Promise<Exchange[]> {
+    const runs: Exchange[] = [];
+    for (let i = 0; i < 4; i++) runs.push(await exchange(port, 'a.example.com', ca.certPem));
+    assert.ok(runs.every((x) => x.cn === 'a.upstream'));
+    return runs;
+  }
+
   describe('TLSGATE_RELAY_THREAD=0', () => {
     let unthreaded: Gateway;
     let Q: number;
     before(async () => {
-      [Q] = await freePorts(1) as [number];
-      const c2 = path.join(dir, 'config-unthreaded');
-      await mkdir(c2, { recursive: true });
-      await writeFile(path.join(c2, 'services.yaml'), services());
-      await writeFile(path.join(c2, 'main.yaml'), gateway(Q, mainRoutes('a.upstream.local')));
-      unthreaded = await startTlsgate({ configPaths: [c2], env: { TLSGATE_RELAY_THREAD: '0' }, args: ['--relay', 'native'] });
+      ({ gw: unthreaded, port: Q } = await variant('config-unthreaded', { TLSGATE_RELAY_THREAD: '0' }));
     });
     after(async () => { await unthreaded?.stop(); });
 
     it('learned routes run on Node\'s loop: no relay thread, the same routing and access log', async () => {
-      const runs: Exchange[] = [];
-      for (let i = 0; i < 4; i++) runs.push(await exchange(Q, 'a.example.com', ca.certPem));
-      assert.ok(runs.every((x) => x.cn === 'a.upstream'));
+      const runs = await fourToA(Q);
       await until('3 native routes', async () => ((await metric(unthreaded, 'native_routed_connections_total')) === 3 ? true : undefined));
       assert.equal(await relayThread(unthreaded.pid), undefined);
       const entries = await Promise.all(runs.map((x) => entryFor(unthreaded, x.down)));
@@ -418,19 +494,12 @@ spec:
     let off: Gateway;
     let Q: number;
     before(async () => {
-      [Q] = await freePorts(1) as [number];
-      const c2 = path.join(dir, 'config-off');
-      await mkdir(c2, { recursive: true });
-      await writeFile(path.join(c2, 'services.yaml'), services());
-      await writeFile(path.join(c2, 'main.yaml'), gateway(Q, mainRoutes('a.upstream.local')));
-      off = await startTlsgate({ configPaths: [c2], env: { TLSGATE_NATIVE_ROUTES: '0' }, args: ['--relay', 'native'] });
+      ({ gw: off, port: Q } = await variant('config-off', { TLSGATE_NATIVE_ROUTES: '0' }));
     });
     after(async () => { await off?.stop(); });
 
     it('JS routes every connection; the access log is the same', async () => {
-      const runs: Exchange[] = [];
-      for (let i = 0; i < 4; i++) runs.push(await exchange(Q, 'a.example.com', ca.certPem));
-      assert.ok(runs.every((x) => x.cn === 'a.upstream'));
+      const runs = await fourToA(Q);
       const entries = await Promise.all(runs.map((x) => entryFor(off, x.down)));
       assert.deepEqual(entries.map((e) => [e.reason, e.sni, e.alpn, e.upstream, e.bytesReceived]), runs.map((x) => ['ok', 'a.example.com', 'h2,http/1.1', `127.0.0.1:${echo.a.port}`, x.written]));
       assert.equal(await metric(off, 'native_routed_connections_total'), 0);

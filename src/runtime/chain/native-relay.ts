@@ -83,6 +83,7 @@ interface Addon {
   listenerStats(lid: number): [number, number];
   unlisten(lid: number, wantFd: boolean): number;
   closeListenerConnections(lid: number): void;
+  busy?(): boolean;
   release(lid: number): void;
   more(id: number): void;
   adopt(id: number): number;
@@ -443,6 +444,14 @@ export function forgetNativeListener(lid: number): void {
 /** Ends every connection the addon holds from this listener (closeAll). */
 export function closeNativeListenerConnections(lid: number): void {
   addon?.closeListenerConnections(lid);
+}
+
+/**
+ * Whether the addon's relay thread still holds connections, or records JS has not had yet: a
+ * shutdown that just closed every connection waits for their last records (the access log).
+ */
+export function nativeRelayBusy(): boolean {
+  return addon?.busy?.() === true;
 }
 
 /** An adopted connection closed: it no longer counts against its listener's limit. */
