@@ -1,7 +1,8 @@
 // Side-by-side benchmark (issues 3, 4 and 8): tlsgate against nginx and haproxy on every TLS path
 // tlsgate serves, in one run, on loopback, with the same certificates, the same upstreams and the
-// same worker count. Each round measures every scenario for every proxy in turn (A B C A B C …);
-// the table shows medians over rounds, latency percentiles where the load tool gives them, CPU
+// same worker count. Each round measures every scenario for every proxy in turn, and the order
+// of the proxies turns by one each round (A B C, B C A, C A B, …) so that no proxy always goes
+// first; the table shows medians over rounds, each round's ratio to nginx, latency percentiles where the load tool gives them, CPU
 // time the proxy spent per operation (from /proc) and the ratio to nginx. Results go to
 // bench/results/<date>[-quick].md. Not a test: nothing here gates on a number.
 //
@@ -52,6 +53,12 @@ const HOST = 'bench.example.com';
 const TICK_US = 1e6 / 100; // /proc/<pid>/stat times are in clock ticks (USER_HZ = 100 on Linux)
 
 // ------------------------------------------------------------------ results
+
+/** `xs` turned left by `n`: round n's order of the proxies. */
+function rotate<T>(xs: readonly T[], n: number): T[] {
+  const k = xs.length ? n % xs.length : 0;
+  return [...xs.slice(k), ...xs.slice(0, k)];
+}
 
 interface Sample {
   value: number;
@@ -604,7 +611,10 @@ async function main(): Promise<void> {
     }
     for (let r = 0; r < ROUNDS; r++) {
       for (const s of scenarios) {
-        for (const name of s.peers) {
+        // Who goes first turns each round: a figure run right after another proxy's (the
+        // backend's caches, the bench process's own garbage from the figure before) is not the
+        // same as the first one, and a fixed order charged that to the same proxy every time.
+        for (const name of rotate(s.peers, r)) {
           const p = proxies[name];
           const t0 = cpuTicks(p.pid);
           const m = await s.measure(p, SECONDS);
@@ -638,8 +648,8 @@ async function main(): Promise<void> {
 
     const f = (x: number | undefined, d = 0): string => (x === undefined || !Number.isFinite(x) ? '–' : x.toFixed(d));
     const rows = [
-      '| scenario | unit | tlsgate | nginx | haproxy | tlsgate / nginx | haproxy / nginx | p50 / p99 ms (tlsgate · nginx · haproxy) | CPU µs/op (tlsgate · nginx · haproxy) |',
-      '|---|---|---:|---:|---:|---:|---:|---|---|',
+      '| scenario | unit | tlsgate | nginx | haproxy | tlsgate / nginx | per round | haproxy / nginx | p50 / p99 ms (tlsgate · nginx · haproxy) | CPU µs/op (tlsgate · nginx · haproxy) |',
+      '|---|---|---:|---:|---:|---:|---|---:|---|---|',
     ];
     for (const s of scenarios) {
       const med = (name: ProxyName, k: keyof Sample): number | undefined => {
@@ -658,7 +668,14 @@ async function main(): Promise<void> {
         const b = v('nginx');
         return a !== undefined && b !== undefined && b > 0 ? (a / b).toFixed(2) : '–';
       };
-      rows.push(`| ${s.title} | ${s.unit} | ${f(v('tlsgate'))} | ${f(v('nginx'))} | ${f(v('haproxy'))} | **${ratio('tlsgate')}** | ${ratio('haproxy')} | ${lat} | ${cpu} |`);
+      // Each round's own ratio (the two figures measured minutes apart at most): the spread says
+      // how far the median can be trusted.
+      const tg = samples.get(key(s.id, 'tlsgate')) ?? [];
+      const ng = samples.get(key(s.id, 'nginx')) ?? [];
+      const rounds = tg.length > 1 && tg.length === ng.length
+        ? tg.map((x, i) => (ng[i]!.value > 0 ? (x.value / ng[i]!.value).toFixed(2) : '–')).join(' ')
+        : '–';
+      rows.push(`| ${s.title} | ${s.unit} | ${f(v('tlsgate'))} | ${f(v('nginx'))} | ${f(v('haproxy'))} | **${ratio('tlsgate')}** | ${rounds} | ${ratio('haproxy')} | ${lat} | ${cpu} |`);
     }
     const memTable = memRows.length ? [
       '',
@@ -683,7 +700,7 @@ async function main(): Promise<void> {
       `Certificates: ${ec ? 'ECDSA P-256' : 'RSA-2048'} server certificate, ECDSA client certificate (MUTUAL), TLS 1.3 (each side's default ciphers); one nginx backend process (plain HTTP and TLS) behind all three.`,
       `Load: wrk (\`wrk -t1 -c${CONCURRENCY} -d${SECONDS}s --latency\`, ${versions.wrk}), h2load (\`h2load -t1 -c${CONCURRENCY} -m10 -D ${SECONDS}\`, ${versions.h2load}; mean latency only),`,
       `\`openssl s_time -new|-reuse -time ${SECONDS}\` x${HANDSHAKE_CLIENTS} in parallel (handshake + one HTTP/1.0 request), Node tls clients (passthrough needs SNI: ${CONCURRENCY} connections), curl for 64 MiB.`,
-      'Every figure: median over rounds; each round runs each scenario on tlsgate, nginx, haproxy in turn. Ratio > 1 is better than nginx.',
+      'Every figure: median over rounds; each round runs each scenario on every proxy in turn, the order turning by one each round (tlsgate first in round 1, nginx in round 2, haproxy in round 3). Ratio > 1 is better than nginx; "per round" is each round\'s own tlsgate / nginx.',
       'CPU µs/op: user+system time of the proxy process(es) during the figure divided by operations (per MB for the download); lower is better. Load tools and backend share the same cores.',
       'Memory: VmRSS growth of the proxy process with the idle TLS connections open (handshake done, nothing sent), per connection.',
       '',
