@@ -97,6 +97,9 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define ACCEPT_RETRY_MS 100
 /* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
 #define PIPE_POOL_MAX 64
+/* Entries of the ALPN table (struct relay's alpn_tab). */
+#define ALPN_TABLE 16
+
 /* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
 #define KEEPALIVE_IDLE_S 60
 /*
@@ -313,16 +316,21 @@ struct relay {
   size_t nout, out_cap;
   /* Small exchanges go through here (recv, send) rather than through a direction's pipe. */
   uint8_t copy[COPY_BYTES];
+  /* Node's relay: the ALPN lists start records named lately, mirrored by JS (deliver_fast), so a
+   * list it has seen goes to JS as an index rather than a string per connection. */
+  struct { size_t len; uint8_t b[HELLO_ALPN_MAX]; } alpn_tab[ALPN_TABLE];
+  uint32_t alpn_used, alpn_next;
 };
 
 /* What a connection on a learned route reports: started (with what the access log needs when
  * it is on), connected, ended. */
 enum fast_kind { FAST_START = 1, FAST_CONNECTED, FAST_END };
-/* A record: kind, listener id, route id, target, endpoint, then by kind (START: ms from accept to
- * dial, hello bytes; CONNECTED: connect ms; END: reason, the four byte counts, hello bytes), [10]
- * START's extras index (-1: none), [11] the connection id, and as JS gets them, [12] ms since the
- * accept and [13] ms since the record was made (records wait for their batch). */
-#define FAST_STRIDE 14
+/* A record: kind, listener id, route id, target, endpoint, then by kind (START: [6] hello bytes,
+ * and with the access log on, what deliver_fast puts in [5], [7]-[10], [14] and [15]; CONNECTED:
+ * [5] connect ms; END: [5] reason, [6]-[9] the four byte counts, [10] hello bytes), [11] the
+ * connection id, and as JS gets them, [12] ms since the accept and [13] ms since the record was
+ * made (records wait for their batch). FAST_STRIDE in native-relay.ts must match (fastStride). */
+#define FAST_STRIDE 16
 struct fast_rec {
   double v[FAST_STRIDE];
   bool extras;
@@ -1570,18 +1578,70 @@ static void call_one(napi_env env, struct relay *r, napi_value cb, napi_value un
   napi_call_function(env, undef, cb, 6, argv, NULL);
 }
 
-/* The extras of a start record, flat: remoteAddress, remotePort, localAddress, localPort, sni
- * (undefined without one), the ALPN list as sent (latin1, length-prefixed names), ech. */
-#define FAST_EXTRAS 7
-static void fast_extras(napi_env env, napi_value arr, uint32_t at, const struct fast_rec *f) {
-  napi_value v[FAST_EXTRAS];
-  address_values(env, &f->peer, &v[0], &v[1]);
-  address_values(env, &f->local, &v[2], &v[3]);
-  if (f->hello.sni_len >= 0) napi_create_string_latin1(env, f->hello.sni, (size_t)f->hello.sni_len, &v[4]);
-  else napi_get_undefined(env, &v[4]);
-  napi_create_string_latin1(env, (const char *)f->hello.alpn, f->hello.alpn_len, &v[5]);
-  napi_get_boolean(env, f->hello.ech, &v[6]);
-  for (uint32_t i = 0; i < FAST_EXTRAS; i++) napi_set_element(env, arr, at + i, v[i]);
+/* An IPv4 address as a number (and its port); -2 (port 0) for none (a listener's own address
+ * is not looked up per connection unless it is a wildcard); -1: the address goes as a string. */
+static double ip4_value(const struct sockaddr_storage *a, double *port) {
+  *port = 0;
+  if (a->ss_family == AF_UNSPEC) return -2;
+  if (a->ss_family != AF_INET) return -1;
+  const struct sockaddr_in *a4 = (const struct sockaddr_in *)a;
+  *port = ntohs(a4->sin_port);
+  return (double)ntohl(a4->sin_addr.s_addr);
+}
+
+/* The index of an ALPN list in the table JS mirrors; *fresh when it was put there just now. */
+static uint32_t alpn_index(struct relay *r, const uint8_t *b, size_t len, bool *fresh) {
+  for (uint32_t i = 0; i < r->alpn_used; i++) {
+    if (r->alpn_tab[i].len == len && memcmp(r->alpn_tab[i].b, b, len) == 0) {
+      *fresh = false;
+      return i;
+    }
+  }
+  uint32_t i = r->alpn_used < ALPN_TABLE ? r->alpn_used++ : r->alpn_next++ % ALPN_TABLE;
+  r->alpn_tab[i].len = len;
+  memcpy(r->alpn_tab[i].b, b, len);
+  *fresh = true;
+  return i;
+}
+
+static void push_extra(napi_env env, napi_value *arr, uint32_t *nx, napi_value v) {
+  if (*nx == 0) napi_create_array(env, arr);
+  napi_set_element(env, *arr, (*nx)++, v);
+}
+
+/* What the access log needs of a start record, as numbers where they can be (the SNI is the
+ * route's own): [5] the peer's IPv4 address, [7] its port, [8] and [9] the local address and
+ * port (ip4_value), [14] the ALPN list's index in JS's mirror of alpn_tab (-1: no list), [15]
+ * flags (1: ECH; 2: the list is new at that index). Strings go in `extras` from index [10] on,
+ * in this order: the peer's address when [5] is -1 (IPv6), the local one when [8] is -1, the
+ * new ALPN list (latin1, length-prefixed names as sent). */
+static void fast_start_fields(napi_env env, struct relay *r, double *out, const struct fast_rec *f, napi_value *extras, uint32_t *nx) {
+  out[10] = *nx;
+  out[5] = ip4_value(&f->peer, &out[7]);
+  out[8] = ip4_value(&f->local, &out[9]);
+  napi_value a, port;
+  if (out[5] == -1) {
+    address_values(env, &f->peer, &a, &port);
+    push_extra(env, extras, nx, a);
+    if (f->peer.ss_family == AF_INET6) out[7] = ntohs(((const struct sockaddr_in6 *)&f->peer)->sin6_port);
+  }
+  if (out[8] == -1) {
+    address_values(env, &f->local, &a, &port);
+    push_extra(env, extras, nx, a);
+    if (f->local.ss_family == AF_INET6) out[9] = ntohs(((const struct sockaddr_in6 *)&f->local)->sin6_port);
+  }
+  double flags = f->hello.ech ? 1 : 0;
+  out[14] = -1;
+  if (f->hello.alpn_len > 0) {
+    bool fresh;
+    out[14] = alpn_index(r, f->hello.alpn, f->hello.alpn_len, &fresh);
+    if (fresh) {
+      napi_create_string_latin1(env, (const char *)f->hello.alpn, f->hello.alpn_len, &a);
+      push_extra(env, extras, nx, a);
+      flags += 2;
+    }
+  }
+  out[15] = flags;
 }
 
 /* Learned-route records: onFast(count, extras) per bufferful, the records in fast_buf. The end
@@ -1605,12 +1665,7 @@ static void deliver_fast(napi_env env, struct relay *r, napi_value undef, bool l
         out[12] = now - f->v[12];
         out[13] = now - f->v[13];
         if (f->v[0] == FAST_START) out[10] = -1;
-        if (f->extras) {
-          if (nx == 0) napi_create_array(env, &extras);
-          out[10] = nx;
-          fast_extras(env, extras, nx, f);
-          nx += FAST_EXTRAS;
-        }
+        if (f->extras) fast_start_fields(env, r, out, f, &extras, &nx);
       }
       napi_value argv[2];
       napi_create_uint32(env, (uint32_t)n, &argv[0]);
@@ -2667,6 +2722,9 @@ static napi_value init_module(napi_env env, napi_value exports) {
   /* TLSGATE_RELAY_THREAD=0 keeps learned routes on Node's loop (measurements, a fallback). */
   const char *thr = getenv("TLSGATE_RELAY_THREAD");
   r->threads_ok = !(thr && strcmp(thr, "0") == 0);
+  /* The record layout JS must read with (native-relay.ts checks it before using learned routes). */
+  napi_value stride;
+  napi_create_uint32(env, FAST_STRIDE, &stride);
   napi_property_descriptor props[] = {
     { "init", NULL, js_init, NULL, NULL, NULL, napi_enumerable, r },
     { "start", NULL, js_start, NULL, NULL, NULL, napi_enumerable, r },
@@ -2687,6 +2745,7 @@ static napi_value init_module(napi_env env, napi_value exports) {
     { "fastForget", NULL, js_fast_forget, NULL, NULL, NULL, napi_enumerable, r },
     { "scanHello", NULL, js_scan_hello, NULL, NULL, NULL, napi_enumerable, r },
     { "busy", NULL, js_busy, NULL, NULL, NULL, napi_enumerable, r },
+    { "fastStride", NULL, NULL, NULL, NULL, stride, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   napi_add_env_cleanup_hook(env, cleanup, r);

@@ -22,7 +22,7 @@ export interface ConnectionInfo {
   chain?: string;
   sni?: string;
   ech?: boolean;
-  alpnOffered?: string[];
+  alpnOffered?: readonly string[];
   alpn?: string;
   tlsVersion?: string;
   cipher?: string;

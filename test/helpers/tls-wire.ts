@@ -142,3 +142,29 @@ export function alpnExt(names: readonly (string | Buffer)[]): Buffer {
   }));
   return ext(16, Buffer.concat([u16(list.length), list]));
 }
+
+/** A ClientHello handshake message with these extensions (one TLS 1.3 suite, no session id). */
+export function helloMsg(exts: Buffer[], legacyVersion = 0x0303): Buffer {
+  const e = Buffer.concat(exts);
+  const body = Buffer.concat([
+    u16(legacyVersion),
+    Buffer.alloc(32, 7),
+    u8(0),
+    u16(2),
+    u16(0x1301),
+    u8(1),
+    u8(0),
+    ...(exts.length > 0 ? [u16(e.length), e] : []),
+  ]);
+  return Buffer.concat([u8(1), u24(body.length), body]);
+}
+
+/** A handshake message framed into records carrying at most `fragment` bytes each. */
+export function frameHandshake(msg: Buffer, fragment = 16384): Buffer {
+  const parts: Buffer[] = [];
+  for (let i = 0; i < msg.length; i += fragment) {
+    const f = msg.subarray(i, Math.min(msg.length, i + fragment));
+    parts.push(Buffer.from([22, 3, 1]), u16(f.length), f);
+  }
+  return Buffer.concat(parts);
+}

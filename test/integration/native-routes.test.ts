@@ -19,7 +19,7 @@ import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
-import { accessEntry, captureHello, dial, promMetric as metric, tlsExchange, until, within, type Exchange } from '../helpers/tls-wire.js';
+import { accessEntry, alpnExt, captureHello, dial, ext, frameHandshake, helloMsg, promMetric as metric, sniExt, tlsExchange, until, within, type Exchange } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 
@@ -191,6 +191,27 @@ spec:
     assert.deepEqual([entries[0]!.reason, entries[0]!.sni, entries[0]!.alpn, entries[0]!.upstream], ['ok', 'a.example.com', 'h2,http/1.1', `127.0.0.1:${echo.a.port}`]);
     assert.equal(await metric(gw, 'tcp_connections_total', { listener: L(), reason: 'ok' }) >= 10, true);
     assert.equal(await until('no open connection left', async () => ((await metric(gw, 'downstream_connections_active', { listener: L() })) === 0 ? 0 : undefined)), 0);
+  });
+
+  it('relay-routed connections log the ALPN lists as offered: 20 different lists (more than the relay\'s table of 16), again after the table turned over, none, and an ECH extension', { timeout: 60_000 }, async () => {
+    await exchange(P, 'a.example.com', ca.certPem); // learned
+    const lists = Array.from({ length: 20 }, (_, i) => (i % 2 === 0 ? [`p${i}`, 'http/1.1'] : [`proto-${i}`]));
+    const offered = [...lists, lists[0]!, lists[17]!, lists[3]!, []];
+    const runs: Exchange[] = [];
+    for (const alpn of offered) runs.push(await tlsExchange(P, 'a.example.com', ca.certPem, 'x\n', alpn.length ? alpn : undefined));
+    // An outer ClientHello with ECH (routed on its outer SNI): the upstream refuses the synthetic hello, the log still says so.
+    const raw = await dial(P);
+    const down = `127.0.0.1:${raw.localPort}`;
+    const closed = closedWith(raw);
+    raw.write(frameHandshake(helloMsg([sniExt('a.example.com'), alpnExt(['h2']), ext(0xfe0d, Buffer.from([0, 0, 1, 0, 1, 7, 0, 0, 0, 0]))])));
+    await closed;
+    raw.destroy();
+    const entries = await Promise.all(runs.map((x) => entryFor(gw, x.down)));
+    assert.deepEqual(entries.map((e) => e.alpn), offered.map((l) => (l.length ? l.join(',') : undefined)));
+    assert.ok(entries.every((e) => e.sni === 'a.example.com' && e.reason === 'ok' && e.downstream === runs[entries.indexOf(e)]!.down));
+    const ech = await entryFor(gw, down);
+    assert.deepEqual([ech.sni, ech.alpn, ech.ech, ech.upstream], ['a.example.com', 'h2', true, `127.0.0.1:${echo.a.port}`]);
+    assert.equal(entries[0]!.ech, undefined);
   });
 
   it('weights 75/25 hold for relay-routed connections', { timeout: 60_000 }, async () => {
@@ -455,14 +476,14 @@ spec:
     for (let i = 0; i < 3; i++) assert.equal((await exchange(P, 'a.example.com', ca.certPem)).cn, 'b.upstream');
   });
 
-  /** A second gateway with the same config on a port of its own, started with `env`. */
-  async function variant(name: string, env: Record<string, string>): Promise<{ gw: Gateway; port: number }> {
+  /** A second gateway with the same config on a port of its own, started with `env` (and `args`). */
+  async function variant(name: string, env: Record<string, string>, args: string[] = []): Promise<{ gw: Gateway; port: number }> {
     const [port] = await freePorts(1) as [number];
     const c2 = path.join(dir, name);
     await mkdir(c2, { recursive: true });
     await writeFile(path.join(c2, 'services.yaml'), services());
     await writeFile(path.join(c2, 'main.yaml'), gateway(port, mainRoutes('a.upstream.local')));
-    return { gw: await startTlsgate({ configPaths: [c2], env, args: ['--relay', 'native'] }), port };
+    return { gw: await startTlsgate({ configPaths: [c2], env, args: ['--relay', 'native', ...args] }), port };
   }
 
   /** Four exchanges with a.example.com on `port`, each reaching a.upstream. */
@@ -487,6 +508,40 @@ spec:
       assert.equal(await relayThread(unthreaded.pid), undefined);
       const entries = await Promise.all(runs.map((x) => entryFor(unthreaded, x.down)));
       assert.deepEqual(entries.map((e) => [e.reason, e.sni, e.upstream, e.bytesReceived]), runs.map((x) => ['ok', 'a.example.com', `127.0.0.1:${echo.a.port}`, x.written]));
+    });
+  });
+
+  describe('over IPv6', () => {
+    let v6: Gateway;
+    let Q: number;
+    before(async () => {
+      ({ gw: v6, port: Q } = await variant('config-v6', {}, ['--bind-address', '::1']));
+    });
+    after(async () => { await v6?.stop(); });
+
+    it('relay-routed connections from [::1] log both addresses as the JS-routed first one does', async () => {
+      const runs: { down: string; reply: string }[] = [];
+      for (let i = 0; i < 4; i++) {
+        const raw = await new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect({ host: '::1', port: Q }, () => resolve(s));
+          s.once('error', reject);
+        });
+        const down = `::1:${raw.localPort}`;
+        const closed = new Promise((resolve) => raw.once('close', resolve));
+        const s = tls.connect({ socket: raw, servername: 'a.example.com', ca: ca.certPem, ALPNProtocols: ['h2'] });
+        s.on('error', () => {});
+        await within(new Promise((resolve) => s.once('secureConnect', resolve)), 5_000, 'handshake over IPv6');
+        s.write(`six ${i}\n`);
+        const reply = await within(new Promise<string>((resolve) => s.once('data', (b: Buffer) => resolve(b.toString()))), 5_000, 'echo');
+        s.end();
+        await within(closed, 5_000, 'close');
+        runs.push({ down, reply });
+      }
+      assert.deepEqual(runs.map((x) => x.reply), [0, 1, 2, 3].map((i) => `six ${i}\n`));
+      await until('3 native routes', async () => ((await metric(v6, 'native_routed_connections_total')) === 3 ? true : undefined));
+      const entries = await Promise.all(runs.map((x) => accessEntry(v6, x.down, 'tcp')));
+      assert.deepEqual(entries.map((e) => [e.reason, e.downstream, e.listener, e.alpn, e.upstream]),
+        runs.map((x) => ['ok', x.down, `::1_${Q}`, 'h2', `127.0.0.1:${echo.a.port}`]));
     });
   });
 

@@ -96,6 +96,8 @@ interface Addon {
   fastLearn?(lid: number, sni: string | null, maxHelloBytes: number, log: boolean, routeId: number, targets: FastTargetSpec[]): boolean;
   fastForget?(lid: number): void;
   scanHello?(bytes: Buffer, maxBytes: number): [string, string | undefined, string | undefined, boolean];
+  /** The record layout the addon writes (FAST_STRIDE in native/relay.c). */
+  fastStride?: number;
 }
 
 /** One target of a learned route, as the addon takes it (see fastLearn in native/relay.c). */
@@ -124,8 +126,8 @@ const EMPTY = Buffer.alloc(0);
 
 // ---- learned routes -----------------------------------------------------------------------------
 
-/** Doubles per record in `fastRecords` (FAST_STRIDE in native/relay.c). */
-export const FAST_STRIDE = 14;
+/** Doubles per record in `fastRecords` (FAST_STRIDE in native/relay.c; the addon's fastStride). */
+export const FAST_STRIDE = 16;
 export const FAST_START = 1;
 export const FAST_CONNECTED = 2;
 export const FAST_END = 3;
@@ -136,10 +138,85 @@ const fastRecords = new Float64Array(FAST_STRIDE * 1024);
 
 /**
  * What JS does for each record of a learned route's connections (counters, the access log):
- * `buf[at ...]` is one record (FAST_STRIDE doubles); `extras` holds a START's addresses and hello
- * fields from `buf[at + 10]` on, when the route was learned with `log`.
+ * `buf[at ...]` is one record (FAST_STRIDE doubles); a START of a route learned with `log` has
+ * its addresses and hello fields in `start` (valid during the call only), else `start` is
+ * undefined.
  */
-export type FastRouteHandler = (buf: Float64Array, at: number, extras: unknown[] | undefined) => void;
+export type FastRouteHandler = (buf: Float64Array, at: number, start: FastStart | undefined) => void;
+
+/** A start record's addresses and hello fields (the SNI is the route's own). */
+export interface FastStart {
+  remoteAddress: string;
+  remotePort: number;
+  localAddress: string;
+  localPort: number;
+  /** The ALPN protocols the client offered ([] for none); shared between connections: never changed. */
+  alpn: readonly string[];
+  ech: boolean;
+}
+
+const NO_ALPN: readonly string[] = Object.freeze([]);
+/** The addon's ALPN table as JS has been told it (fast_start_fields in native/relay.c). */
+const alpnTable: (readonly string[])[] = [];
+const startFields: FastStart = { remoteAddress: '', remotePort: 0, localAddress: '', localPort: 0, alpn: NO_ALPN, ech: false };
+/**
+ * IPv4 addresses come as numbers (-1: the string is in extras, -2: none); the last of each kind
+ * is kept as a string (clients repeat).
+ */
+let lastPeer = -1;
+let lastPeerText = '';
+let lastLocal = -1;
+let lastLocalText = '';
+
+function ip4(n: number): string {
+  return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
+}
+
+/**
+ * Reads a START record's fields into `startFields`. Always run, in record order, for every START
+ * with fields (also of routes JS no longer knows): a new ALPN list updates the mirror here.
+ */
+function readStart(buf: Float64Array, at: number, extras: unknown[] | undefined): FastStart {
+  let x = buf[at + 10]!;
+  const f = startFields;
+  const peer = buf[at + 5]!;
+  if (peer >= 0) {
+    if (peer !== lastPeer) { lastPeer = peer; lastPeerText = ip4(peer); }
+    f.remoteAddress = lastPeerText;
+  } else {
+    f.remoteAddress = peer === -1 ? String(extras?.[x++] ?? '') : '';
+  }
+  f.remotePort = buf[at + 7]!;
+  const local = buf[at + 8]!;
+  if (local >= 0) {
+    if (local !== lastLocal) { lastLocal = local; lastLocalText = ip4(local); }
+    f.localAddress = lastLocalText;
+  } else {
+    f.localAddress = local === -1 ? String(extras?.[x++] ?? '') : '';
+  }
+  f.localPort = buf[at + 9]!;
+  const flags = buf[at + 15]!;
+  f.ech = (flags & 1) !== 0;
+  const a = buf[at + 14]!;
+  if (a < 0) {
+    f.alpn = NO_ALPN;
+  } else {
+    if ((flags & 2) !== 0) alpnTable[a] = Object.freeze(decodeAlpn(String(extras?.[x] ?? '')));
+    f.alpn = alpnTable[a] ?? NO_ALPN;
+  }
+  return f;
+}
+
+/** ALPN protocol names from the extension's list as sent (length-prefixed, latin1). */
+function decodeAlpn(list: string): string[] {
+  const out: string[] = [];
+  for (let p = 0; p < list.length;) {
+    const n = list.charCodeAt(p);
+    out.push(list.slice(p + 1, p + 1 + n));
+    p += 1 + n;
+  }
+  return out;
+}
 
 interface LearnedRoute {
   handler: FastRouteHandler;
@@ -158,17 +235,18 @@ function onFast(count: number, extras: unknown[] | undefined): void {
   const buf = fastRecords;
   for (let i = 0; i < count; i++) {
     const at = i * FAST_STRIDE;
+    const kind = buf[at]!;
+    const start = kind === FAST_START && buf[at + 10]! >= 0 ? readStart(buf, at, extras) : undefined;
     const id = buf[at + 2]!;
     const r = fastRoutes.get(id);
     if (r === undefined) continue;
-    const kind = buf[at]!;
     if (kind === FAST_START) {
       r.live++;
     } else if (kind === FAST_END && --r.live === 0 && r.forgotten) {
       fastRoutes.delete(id);
     }
     try {
-      r.handler(buf, at, extras);
+      r.handler(buf, at, start);
     } catch {
       // As with every report: a handler never takes the process down.
     }
@@ -301,7 +379,8 @@ function load(): Addon | undefined {
         try { a.closeAccepted(id); } catch { /* decided after all */ }
       }
     }, helloBuffer);
-    if (a.setFast) {
+    // An addon built for another record layout (a stale build) routes nothing by itself.
+    if (a.setFast && a.fastStride === FAST_STRIDE) {
       a.setFast(onFast, fastRecords, activeSlots);
       fastWired = true;
     }

@@ -30,7 +30,7 @@ import { isIP } from 'node:net';
 import { encodeProxyV1, encodeProxyV2, sslTlvs } from '../listener/proxy-protocol.js';
 import type { ConnectionInfo } from '../connection-info.js';
 import { isoTime } from '../iso-time.js';
-import type { Reason, Telemetry } from '../telemetry.js';
+import { counterOf, type Reason, type Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
 import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult,
   FAST_CONNECTED, FAST_END, FAST_REASONS, FAST_START, type FastRouteHandler } from './native-relay.js';
@@ -178,6 +178,13 @@ interface TcpBytes {
 /** The one access-log entry and the end-of-connection counters of a proxied TCP connection. */
 function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
   bytes: TcpBytes, reason: Reason, endMs = Date.now()): void {
+  logTcpEntry(telemetry, info, proxy, cluster, endpoint, bytes, reason, endMs);
+  countTcpEnd(telemetry, info.listener, bytes, reason);
+}
+
+/** The access-log entry of a proxied TCP connection. */
+function logTcpEntry(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
+  bytes: TcpBytes, reason: Reason, endMs: number): void {
   telemetry.accessLog({
     time: isoTime(info.startMs),
     kind: 'tcp',
@@ -201,7 +208,6 @@ function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, 
     durationMs: endMs - info.startMs,
     reason,
   });
-  countTcpEnd(telemetry, info.listener, bytes, reason);
 }
 
 /** The end-of-connection counters of a proxied TCP connection. */
@@ -220,23 +226,14 @@ export interface FastRouteContext {
   /** Per target: the cluster, and its endpoints' labels in the order the addon was given them. */
   clusters: string[];
   endpoints: string[][];
+  /** The SNI the route was learned for (the addon routes only hellos naming exactly it). */
+  sni: string | undefined;
   /** What a routed hello counts before it is proxied (downstream connections, the SNI, the chain). */
   onStart(): void;
   /** A start record's connection info (access log on), from the addresses the addon read. */
   newInfo(remoteAddress: string, remotePort: number, localAddress: string, localPort: number, ageMs: number): ConnectionInfo;
   /** The route was learned without the access log, which is on now: learn it again. */
   stale(): void;
-}
-
-/** ALPN protocol names from the extension's list as sent (length-prefixed, latin1). */
-function decodeAlpn(list: string): string[] {
-  const out: string[] = [];
-  for (let p = 0; p < list.length;) {
-    const n = list.charCodeAt(p);
-    out.push(list.slice(p + 1, p + 1 + n));
-    p += 1 + n;
-  }
-  return out;
 }
 
 /**
@@ -248,22 +245,29 @@ export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
   const { telemetry, proxy } = ctx;
   const listenerLabels = { listener: ctx.listener };
   const clusterLabels = ctx.clusters.map((cluster) => ({ cluster }));
+  // countTcpEnd's series, bound once: a route's connections count the same few over and over.
+  const ends = new Map<Reason, (by?: number) => void>();
+  const endOf = (reason: Reason): (by?: number) => void => {
+    let f = ends.get(reason);
+    if (f === undefined) ends.set(reason, (f = counterOf(telemetry, 'tcp_connections_total', { listener: ctx.listener, reason })));
+    return f;
+  };
+  const received = counterOf(telemetry, 'downstream_bytes_total', { listener: ctx.listener, direction: 'received' });
+  const sent = counterOf(telemetry, 'downstream_bytes_total', { listener: ctx.listener, direction: 'sent' });
   /** Connections with an access-log entry to come: their info, and the endpoint once connected. */
   const open = new Map<number, { info: ConnectionInfo; endpoint: string }>();
-  return (buf, at, extras) => {
+  return (buf, at, start) => {
     const kind = buf[at]!;
     const target = buf[at + 3]!;
     const id = buf[at + 11]!;
     if (kind === FAST_START) {
       ctx.onStart();
       telemetry.gauge('downstream_connections_active', 1, listenerLabels);
-      const x = buf[at + 10]!;
-      if (x >= 0 && extras !== undefined) {
-        const info = ctx.newInfo(extras[x] as string, extras[x + 1] as number, extras[x + 2] as string, extras[x + 3] as number, buf[at + 12]!);
-        const sni = extras[x + 4] as string | undefined;
-        if (sni !== undefined) info.sni = sni;
-        info.alpnOffered = decodeAlpn(extras[x + 5] as string);
-        if (extras[x + 6] === true) info.ech = true;
+      if (start !== undefined) {
+        const info = ctx.newInfo(start.remoteAddress, start.remotePort, start.localAddress, start.localPort, buf[at + 12]!);
+        if (ctx.sni !== undefined) info.sni = ctx.sni;
+        info.alpnOffered = start.alpn;
+        if (start.ech) info.ech = true;
         info.chain = ctx.chain;
         open.set(id, { info, endpoint: '' });
       } else if (telemetry.accessLogEnabled === true) {
@@ -283,14 +287,15 @@ export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
     const reason: Reason = native === 'ok' || native === 'stopped' ? 'ok' : native;
     telemetry.gauge('downstream_connections_active', -1, listenerLabels);
     const bytes = { received: buf[at + 10]! + buf[at + 6]!, sent: buf[at + 9]!, upstreamSent: buf[at + 7]!, upstreamReceived: buf[at + 8]! };
+    // As countTcpEnd counts.
+    endOf(reason)();
+    if (bytes.received > 0) received(bytes.received);
+    if (bytes.sent > 0) sent(bytes.sent);
     const o = open.get(id);
-    if (o === undefined) {
-      countTcpEnd(telemetry, ctx.listener, bytes, reason);
-      return;
-    }
+    if (o === undefined) return;
     open.delete(id);
     // The end as the relay saw it (the record may have waited for its batch).
-    logTcpEnd(telemetry, o.info, proxy, ctx.clusters[target], o.endpoint, bytes, reason, Date.now() - buf[at + 13]!);
+    logTcpEntry(telemetry, o.info, proxy, ctx.clusters[target], o.endpoint, bytes, reason, Date.now() - buf[at + 13]!);
   };
 }
 

@@ -455,7 +455,7 @@ export class ListenerRuntime {
     const routed = count('filter_chain_connections_total', chainLabels(config, chain, 'tls'));
     const native = count('native_routed_connections_total', labelsOf(config).listener);
     learnFastRoute(lid, sni, { maxHelloBytes: config.maxClientHelloBytes, log: telemetry.accessLogEnabled !== false }, targets, fastRouteHandler({
-      telemetry, listener: config.name, chain: chain.name, proxy, clusters: names, endpoints,
+      telemetry, listener: config.name, chain: chain.name, proxy, clusters: names, endpoints, sni,
       onStart: () => {
         downstream();
         inspected();

@@ -17,7 +17,7 @@ import {
   type ParseState,
 } from '../../../src/runtime/listener/client-hello.js';
 import { ALERT_UNRECOGNIZED_NAME, AlertDescription, tlsAlert } from '../../../src/runtime/listener/tls-alert.js';
-import { alpnExt, ext, sniExt, u16, u24, u8 } from '../../helpers/tls-wire.js';
+import { alpnExt, ext, frameHandshake as frame, helloMsg, sniExt, u16, u24, u8 } from '../../helpers/tls-wire.js';
 
 const execFileP = promisify(execFile);
 const FIXTURES = new URL('../../../../test/fixtures/client-hello/', import.meta.url);
@@ -38,29 +38,6 @@ function versionsExt(vs: number[]): Buffer {
   return ext(43, Buffer.concat([u8(vs.length * 2), ...vs.map(u16)]));
 }
 /** A ClientHello handshake message (header included). */
-function helloMsg(exts: Buffer[], legacyVersion = 0x0303): Buffer {
-  const e = Buffer.concat(exts);
-  const body = Buffer.concat([
-    u16(legacyVersion),
-    Buffer.alloc(32, 7),
-    u8(0),
-    u16(2),
-    u16(0x1301),
-    u8(1),
-    u8(0),
-    ...(exts.length > 0 ? [u16(e.length), e] : []),
-  ]);
-  return Buffer.concat([u8(1), u24(body.length), body]);
-}
-/** Frame a handshake message into records carrying at most `fragment` bytes each. */
-function frame(msg: Buffer, fragment = 16384): Buffer {
-  const parts: Buffer[] = [];
-  for (let i = 0; i < msg.length; i += fragment) {
-    const f = msg.subarray(i, Math.min(msg.length, i + fragment));
-    parts.push(Buffer.from([22, 3, 1]), u16(f.length), f);
-  }
-  return Buffer.concat(parts);
-}
 /** Strip the record layer of a single-record capture. */
 function unframe(wire: Buffer): Buffer {
   return wire.subarray(5, 5 + wire.readUInt16BE(3));
