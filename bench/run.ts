@@ -298,9 +298,9 @@ function buildScenarios(client: KeyPair): Scenario[] {
   const all: ProxyName[] = ['tlsgate', 'nginx', 'haproxy'];
   return [
     { id: 'pass-new', title: 'passthrough: new TLS conn/s (1 request each)', unit: 'conn/s', peers: all, measure: (p, s) => newConnections(p.ports.pass, s) },
-    // nginx's default (proxy_half_close off) closes both directions at the client's FIN, so the
-    // upstream's close_notify is never relayed: one read and one write less per connection than
-    // tlsgate and haproxy do. This row holds nginx to the same work.
+    // nginx's default (proxy_half_close off) closes both directions at the first FIN (here the
+    // backend's, after its response), so the client's close_notify and FIN are never relayed:
+    // reads and writes per connection that tlsgate and haproxy make. This row holds nginx to the same work.
     { id: 'pass-new-hc', title: 'passthrough: new TLS conn/s, nginx `proxy_half_close on`', unit: 'conn/s', peers: ['tlsgate', 'nginx'], measure: (p, s) => newConnections(p.ports.passHalfClose ?? p.ports.pass, s) },
     { id: 'pass-ka', title: 'passthrough: keep-alive req/s', unit: 'req/s', peers: all, measure: (p, s) => keepAliveTls(p.ports.pass, s) },
     { id: 'pass-bulk', title: `passthrough: 64 MiB download ×${BULK_DOWNLOADS} MB/s`, unit: 'MB/s', peers: all, measure: (p) => bulk(p.ports.pass) },

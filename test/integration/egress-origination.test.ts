@@ -21,7 +21,8 @@ let dir: string;
 let ca: Ca;
 let nginxCert: KeyPair;
 let client: KeyPair;
-let nginx: Nginx;
+/** Every nginx started, stopped in after(): a test that fails midway must not leave one running (its handle would keep this file's process alive). */
+const nginxes: Nginx[] = [];
 const procs: Gateway[] = [];
 
 before(async () => {
@@ -35,7 +36,7 @@ before(async () => {
 
 after(async () => {
   for (const p of procs) await p.stop();
-  await nginx?.stop();
+  for (const n of nginxes) await n.stop();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
@@ -58,7 +59,8 @@ async function mesh(cfg: string, gatewayArgs: string[]): Promise<{ outbound: num
 
 test('SIMPLE origination at the egress gateway: HTTP in, Istio mTLS to the gateway, TLS to the external host', async () => {
   const [pNginx, pGw] = await freePorts(2) as [number, number];
-  nginx = await startNginx({ http: nginxTlsServer({ port: pNginx, cert: nginxCert.cert, key: nginxCert.key, serverName: '_' }) });
+  const nginx = await startNginx({ http: nginxTlsServer({ port: pNginx, cert: nginxCert.cert, key: nginxCert.key, serverName: '_' }) });
+  nginxes.push(nginx);
   const cfg = path.join(dir, 'simple');
   await import('node:fs/promises').then((f) => f.mkdir(cfg));
   await writeFile(path.join(cfg, 'task.yaml'), `apiVersion: networking.istio.io/v1alpha3
@@ -196,7 +198,8 @@ spec:
 
 test('mutual TLS origination at the egress gateway with credentialName', async () => {
   const [pNginx, pGw] = await freePorts(2) as [number, number];
-  nginx = await startNginx({ http: nginxTlsServer({ port: pNginx, cert: nginxCert.cert, key: nginxCert.key, serverName: '_', clientCa: ca.cert, verifyClient: 'on' }) });
+  const nginx = await startNginx({ http: nginxTlsServer({ port: pNginx, cert: nginxCert.cert, key: nginxCert.key, serverName: '_', clientCa: ca.cert, verifyClient: 'on' }) });
+  nginxes.push(nginx);
   const cfg = path.join(dir, 'mutual');
   await import('node:fs/promises').then((f) => f.mkdir(cfg));
   await writeFile(path.join(cfg, 'task.yaml'), `apiVersion: networking.istio.io/v1alpha3
