@@ -314,7 +314,9 @@ export async function startGateway(opts: RunOptions, out: NodeJS.WritableStream 
   onSourceChange = () => void reload('etcd');
 
   if (opts.watch !== false) {
-    source = new FileSource(sources.filePaths, () => void reload('change'), { pollMs: 500 });
+    // The backstop poll: every 5 s while every directory that matters is watched on a local
+    // filesystem, every 500 ms otherwise (see FileSource).
+    source = new FileSource(sources.filePaths, () => void reload('change'), { pollMs: 500, watchedPollMs: 5_000 });
     source.setExtraFiles(secretFiles(first.snapshot));
     await source.start();
     if (loadedHash !== undefined && (await contentHash(sources.filePaths)) !== loadedHash) void reload('change');
