@@ -1609,6 +1609,16 @@ static void push_extra(napi_env env, napi_value *arr, uint32_t *nx, napi_value v
   napi_set_element(env, *arr, (*nx)++, v);
 }
 
+/* An address of a start record as ip4_value gives it; one that is not IPv4 goes to extras as a string. */
+static void address_field(napi_env env, const struct sockaddr_storage *a, double *addr, double *port, napi_value *extras, uint32_t *nx) {
+  *addr = ip4_value(a, port);
+  if (*addr != -1) return;
+  napi_value text, unused;
+  address_values(env, a, &text, &unused);
+  push_extra(env, extras, nx, text);
+  if (a->ss_family == AF_INET6) *port = ntohs(((const struct sockaddr_in6 *)a)->sin6_port);
+}
+
 /* What the access log needs of a start record, as numbers where they can be (the SNI is the
  * route's own): [5] the peer's IPv4 address, [7] its port, [8] and [9] the local address and
  * port (ip4_value), [14] the ALPN list's index in JS's mirror of alpn_tab (-1: no list), [15]
@@ -1617,25 +1627,15 @@ static void push_extra(napi_env env, napi_value *arr, uint32_t *nx, napi_value v
  * new ALPN list (latin1, length-prefixed names as sent). */
 static void fast_start_fields(napi_env env, struct relay *r, double *out, const struct fast_rec *f, napi_value *extras, uint32_t *nx) {
   out[10] = *nx;
-  out[5] = ip4_value(&f->peer, &out[7]);
-  out[8] = ip4_value(&f->local, &out[9]);
-  napi_value a, port;
-  if (out[5] == -1) {
-    address_values(env, &f->peer, &a, &port);
-    push_extra(env, extras, nx, a);
-    if (f->peer.ss_family == AF_INET6) out[7] = ntohs(((const struct sockaddr_in6 *)&f->peer)->sin6_port);
-  }
-  if (out[8] == -1) {
-    address_values(env, &f->local, &a, &port);
-    push_extra(env, extras, nx, a);
-    if (f->local.ss_family == AF_INET6) out[9] = ntohs(((const struct sockaddr_in6 *)&f->local)->sin6_port);
-  }
+  address_field(env, &f->peer, &out[5], &out[7], extras, nx);
+  address_field(env, &f->local, &out[8], &out[9], extras, nx);
   double flags = f->hello.ech ? 1 : 0;
   out[14] = -1;
   if (f->hello.alpn_len > 0) {
     bool fresh;
     out[14] = alpn_index(r, f->hello.alpn, f->hello.alpn_len, &fresh);
     if (fresh) {
+      napi_value a;
       napi_create_string_latin1(env, (const char *)f->hello.alpn, f->hello.alpn_len, &a);
       push_extra(env, extras, nx, a);
       flags += 2;

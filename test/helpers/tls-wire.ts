@@ -28,14 +28,14 @@ export async function until<T>(what: string, probe: () => T | undefined | Promis
 /** When each client address dial() made last began connecting ("127.0.0.1:port" -> Date.now()). */
 const dialled = new Map<string, number>();
 
-/** A connected, half-open capable TCP socket to 127.0.0.1:`port` (errors after the connect are ignored). */
-export function dial(port: number): Promise<net.Socket> {
+/** A connected, half-open capable TCP socket to `host`:`port` (errors after the connect are ignored). */
+export function dial(port: number, host = '127.0.0.1'): Promise<net.Socket> {
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    const s = net.connect({ host: '127.0.0.1', port, allowHalfOpen: true, noDelay: true });
+    const s = net.connect({ host, port, allowHalfOpen: true, noDelay: true });
     s.once('error', reject);
     s.once('connect', () => {
-      dialled.set(`127.0.0.1:${s.localPort}`, started);
+      dialled.set(`${host}:${s.localPort}`, started);
       s.off('error', reject);
       s.on('error', () => {});
       resolve(s);
@@ -86,9 +86,9 @@ export async function captureHello(opts: string | undefined | tls.ConnectionOpti
 export interface Exchange { cn: string; issuer: string; authorized: boolean; reply: string; down: string; written: number; read: number }
 
 /** A TLS client through the gateway: handshake (offering `alpn`, if any), one echoed line, close. */
-export async function tlsExchange(port: number, servername: string, ca: string, line = 'ping\n', alpn?: string[]): Promise<Exchange> {
-  const raw = await dial(port);
-  const down = `127.0.0.1:${raw.localPort}`;
+export async function tlsExchange(port: number, servername: string, ca: string, line = 'ping\n', alpn?: string[], host = '127.0.0.1'): Promise<Exchange> {
+  const raw = await dial(port, host);
+  const down = `${host}:${raw.localPort}`;
   const closed = new Promise((resolve) => raw.once('close', resolve));
   const s = tls.connect({ socket: raw, servername, ca, ...(alpn !== undefined ? { ALPNProtocols: alpn } : {}) });
   s.on('error', () => {});

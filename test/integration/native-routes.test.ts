@@ -520,24 +520,9 @@ spec:
     after(async () => { await v6?.stop(); });
 
     it('relay-routed connections from [::1] log both addresses as the JS-routed first one does', async () => {
-      const runs: { down: string; reply: string }[] = [];
-      for (let i = 0; i < 4; i++) {
-        const raw = await new Promise<net.Socket>((resolve, reject) => {
-          const s = net.connect({ host: '::1', port: Q }, () => resolve(s));
-          s.once('error', reject);
-        });
-        const down = `::1:${raw.localPort}`;
-        const closed = new Promise((resolve) => raw.once('close', resolve));
-        const s = tls.connect({ socket: raw, servername: 'a.example.com', ca: ca.certPem, ALPNProtocols: ['h2'] });
-        s.on('error', () => {});
-        await within(new Promise((resolve) => s.once('secureConnect', resolve)), 5_000, 'handshake over IPv6');
-        s.write(`six ${i}\n`);
-        const reply = await within(new Promise<string>((resolve) => s.once('data', (b: Buffer) => resolve(b.toString()))), 5_000, 'echo');
-        s.end();
-        await within(closed, 5_000, 'close');
-        runs.push({ down, reply });
-      }
-      assert.deepEqual(runs.map((x) => x.reply), [0, 1, 2, 3].map((i) => `six ${i}\n`));
+      const runs: Exchange[] = [];
+      for (let i = 0; i < 4; i++) runs.push(await tlsExchange(Q, 'a.example.com', ca.certPem, `six ${i}\n`, ['h2'], '::1'));
+      assert.deepEqual(runs.map((x) => [x.cn, x.reply, x.down.startsWith('::1:')]), [0, 1, 2, 3].map((i) => ['a.upstream', `six ${i}\n`, true]));
       await until('3 native routes', async () => ((await metric(v6, 'native_routed_connections_total')) === 3 ? true : undefined));
       const entries = await Promise.all(runs.map((x) => accessEntry(v6, x.down, 'tcp')));
       assert.deepEqual(entries.map((e) => [e.reason, e.downstream, e.listener, e.alpn, e.upstream]),

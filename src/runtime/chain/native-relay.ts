@@ -159,17 +159,23 @@ const NO_ALPN: readonly string[] = Object.freeze([]);
 /** The addon's ALPN table as JS has been told it (fast_start_fields in native/relay.c). */
 const alpnTable: (readonly string[])[] = [];
 const startFields: FastStart = { remoteAddress: '', remotePort: 0, localAddress: '', localPort: 0, alpn: NO_ALPN, ech: false };
-/**
- * IPv4 addresses come as numbers (-1: the string is in extras, -2: none); the last of each kind
- * is kept as a string (clients repeat).
- */
-let lastPeer = -1;
-let lastPeerText = '';
-let lastLocal = -1;
-let lastLocalText = '';
+/** The last IPv4 address of one kind (peer, local) and its text: clients repeat. */
+interface LastAddress { n: number; text: string }
+const lastPeer: LastAddress = { n: -1, text: '' };
+const lastLocal: LastAddress = { n: -1, text: '' };
 
-function ip4(n: number): string {
-  return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
+/**
+ * An address as the addon wrote it: an IPv4 address as a number, -1 for a string in extras (at
+ * `extras[x]`), -2 for none.
+ */
+function addressText(v: number, last: LastAddress, extras: unknown[] | undefined, x: number): string {
+  if (v === -2) return '';
+  if (v === -1) return String(extras?.[x] ?? '');
+  if (v !== last.n) {
+    last.n = v;
+    last.text = `${v >>> 24}.${(v >>> 16) & 255}.${(v >>> 8) & 255}.${v & 255}`;
+  }
+  return last.text;
 }
 
 /**
@@ -180,20 +186,12 @@ function readStart(buf: Float64Array, at: number, extras: unknown[] | undefined)
   let x = buf[at + 10]!;
   const f = startFields;
   const peer = buf[at + 5]!;
-  if (peer >= 0) {
-    if (peer !== lastPeer) { lastPeer = peer; lastPeerText = ip4(peer); }
-    f.remoteAddress = lastPeerText;
-  } else {
-    f.remoteAddress = peer === -1 ? String(extras?.[x++] ?? '') : '';
-  }
+  f.remoteAddress = addressText(peer, lastPeer, extras, x);
+  if (peer === -1) x++;
   f.remotePort = buf[at + 7]!;
   const local = buf[at + 8]!;
-  if (local >= 0) {
-    if (local !== lastLocal) { lastLocal = local; lastLocalText = ip4(local); }
-    f.localAddress = lastLocalText;
-  } else {
-    f.localAddress = local === -1 ? String(extras?.[x++] ?? '') : '';
-  }
+  f.localAddress = addressText(local, lastLocal, extras, x);
+  if (local === -1) x++;
   f.localPort = buf[at + 9]!;
   const flags = buf[at + 15]!;
   f.ech = (flags & 1) !== 0;

@@ -212,9 +212,24 @@ function logTcpEntry(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy
 
 /** The end-of-connection counters of a proxied TCP connection. */
 function countTcpEnd(telemetry: Telemetry, listener: string, bytes: TcpBytes, reason: Reason): void {
-  telemetry.count('tcp_connections_total', { listener, reason });
-  if (bytes.received > 0) telemetry.count('downstream_bytes_total', { listener, direction: 'received' }, bytes.received);
-  if (bytes.sent > 0) telemetry.count('downstream_bytes_total', { listener, direction: 'sent' }, bytes.sent);
+  tcpEndCounter(telemetry, listener)(bytes, reason);
+}
+
+/**
+ * The end-of-connection counters of proxied TCP connections on `listener`, each series bound on
+ * its first use and kept (a learned route keeps one: its connections count the same few series).
+ */
+function tcpEndCounter(telemetry: Telemetry, listener: string): (bytes: TcpBytes, reason: Reason) => void {
+  const ends = new Map<Reason, (by?: number) => void>();
+  let received: ((by?: number) => void) | undefined;
+  let sent: ((by?: number) => void) | undefined;
+  return (bytes, reason) => {
+    let ended = ends.get(reason);
+    if (ended === undefined) ends.set(reason, (ended = counterOf(telemetry, 'tcp_connections_total', { listener, reason })));
+    ended();
+    if (bytes.received > 0) (received ??= counterOf(telemetry, 'downstream_bytes_total', { listener, direction: 'received' }))(bytes.received);
+    if (bytes.sent > 0) (sent ??= counterOf(telemetry, 'downstream_bytes_total', { listener, direction: 'sent' }))(bytes.sent);
+  };
 }
 
 /** What a learned route's records are accounted with (see fastRouteHandler). */
@@ -245,15 +260,7 @@ export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
   const { telemetry, proxy } = ctx;
   const listenerLabels = { listener: ctx.listener };
   const clusterLabels = ctx.clusters.map((cluster) => ({ cluster }));
-  // countTcpEnd's series, bound once: a route's connections count the same few over and over.
-  const ends = new Map<Reason, (by?: number) => void>();
-  const endOf = (reason: Reason): (by?: number) => void => {
-    let f = ends.get(reason);
-    if (f === undefined) ends.set(reason, (f = counterOf(telemetry, 'tcp_connections_total', { listener: ctx.listener, reason })));
-    return f;
-  };
-  const received = counterOf(telemetry, 'downstream_bytes_total', { listener: ctx.listener, direction: 'received' });
-  const sent = counterOf(telemetry, 'downstream_bytes_total', { listener: ctx.listener, direction: 'sent' });
+  const countEnd = tcpEndCounter(telemetry, ctx.listener);
   /** Connections with an access-log entry to come: their info, and the endpoint once connected. */
   const open = new Map<number, { info: ConnectionInfo; endpoint: string }>();
   return (buf, at, start) => {
@@ -287,10 +294,7 @@ export function fastRouteHandler(ctx: FastRouteContext): FastRouteHandler {
     const reason: Reason = native === 'ok' || native === 'stopped' ? 'ok' : native;
     telemetry.gauge('downstream_connections_active', -1, listenerLabels);
     const bytes = { received: buf[at + 10]! + buf[at + 6]!, sent: buf[at + 9]!, upstreamSent: buf[at + 7]!, upstreamReceived: buf[at + 8]! };
-    // As countTcpEnd counts.
-    endOf(reason)();
-    if (bytes.received > 0) received(bytes.received);
-    if (bytes.sent > 0) sent(bytes.sent);
+    countEnd(bytes, reason);
     const o = open.get(id);
     if (o === undefined) return;
     open.delete(id);
