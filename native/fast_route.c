@@ -159,11 +159,13 @@ struct fast_route *fast_lookup(const struct fast_table *t, const char *sni, int 
   return NULL;
 }
 
-bool fast_learn(struct fast_table *t, const char *sni, int len, struct fast_route *rt) {
+bool fast_learn(struct fast_table *t, const char *sni, int len, struct fast_route *rt, uint32_t *replaced_started) {
+  *replaced_started = 0;
   struct fast_entry **b = &t->buckets[len < 0 ? 0 : hash(sni, len) % FAST_BUCKETS];
   for (struct fast_entry *e = *b; e; e = e->next) {
     if (e->len == len && (len < 0 || memcmp(e->sni, sni, (size_t)len) == 0)) {
       rt->refs++;
+      *replaced_started = e->route->started;
       fast_route_unref(e->route);
       e->route = rt;
       return true;

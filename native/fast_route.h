@@ -40,10 +40,12 @@ struct fast_cluster {
 };
 
 /* One learned route: JS's id for it, the targets (cluster weights), refcounted by the table
- * entry and by every connection on it. */
+ * entry and by every connection on it. `started` counts the connections it was picked for (each
+ * reports a START record): once the table lets go, JS knows how many records are still to come. */
 struct fast_route {
   uint32_t id;
   uint32_t refs;
+  uint32_t started;
   uint32_t n;
   double *weight;
   double total;
@@ -80,8 +82,9 @@ struct fast_table {
 };
 
 struct fast_route *fast_lookup(const struct fast_table *t, const char *sni, int len);
-/* Adds or replaces an entry (taking a reference on `rt`); false when the table is full. */
-bool fast_learn(struct fast_table *t, const char *sni, int len, struct fast_route *rt);
+/* Adds or replaces an entry (taking a reference on `rt`); false when the table is full. A route
+ * replaced leaves its `started` in `*replaced_started` (else 0). */
+bool fast_learn(struct fast_table *t, const char *sni, int len, struct fast_route *rt, uint32_t *replaced_started);
 void fast_table_free(struct fast_table *t);
 
 #endif

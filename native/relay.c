@@ -861,6 +861,7 @@ static enum fast_outcome fast_try(struct relay *r, struct conn *c) {
     __atomic_add_fetch(&r->slots[pc->slot], 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&r->slots[pc->hosts[pk.host].slot], 1, __ATOMIC_RELAXED);
     rt->refs++;
+    rt->started++;
   }
   pthread_mutex_unlock(mu);
   if (!ok) {
@@ -2407,8 +2408,9 @@ static bool parse_target(napi_env env, napi_value spec, struct fast_route *rt, u
   return true;
 }
 
-/* fastLearn(listenerId, sni | null, maxHelloBytes, log, routeId, targets) -> whether it was
- * learned (false: the listener's table is full). Replaces what the SNI had. */
+/* fastLearn(listenerId, sni | null, maxHelloBytes, log, routeId, targets) -> -1 when not learned
+ * (the listener's table is full), else how many connections the route it replaced for the SNI
+ * started (0: none replaced). */
 static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
   struct relay *r;
   size_t argc = 6;
@@ -2459,7 +2461,8 @@ static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
   }
   l->fast->max_hello = (size_t)max_hello;
   l->fast->log = log;
-  bool ok = fast_learn(l->fast, t == napi_null ? NULL : sni, t == napi_null ? -1 : (int)sni_len, rt);
+  uint32_t replaced_started = 0;
+  bool ok = fast_learn(l->fast, t == napi_null ? NULL : sni, t == napi_null ? -1 : (int)sni_len, rt, &replaced_started);
   fast_route_unref(rt);
   pthread_mutex_unlock(&r->fast_lock);
   /* A listener with learned routes accepts on the relay thread from now on (it stays there). A
@@ -2471,11 +2474,12 @@ static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
     else l->owner = r;
   }
   napi_value out;
-  napi_get_boolean(env, ok, &out);
+  napi_create_double(env, ok ? (double)replaced_started : -1, &out);
   return out;
 }
 
-/* fastForget(listenerId): the listener's learned routes go (connections on them go on). */
+/* fastForget(listenerId) -> [routeId, started, ...]: the listener's learned routes go (connections
+ * on them go on), each with how many connections it started, as JS must hear of them all. */
 static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
   struct relay *r;
   size_t argc = 1;
@@ -2484,10 +2488,29 @@ static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
   struct listener *l = argc < 1 ? NULL : listener_arg(env, r, argv[0], "fastForget(listenerId)");
   if (!l) return NULL;
   pthread_mutex_lock(&r->fast_lock);
-  fast_table_free(l->fast);
+  struct fast_table *t = l->fast;
   l->fast = NULL;
+  /* Read under the lock: no pick can count on a route once its table is gone. */
+  size_t n = 0;
+  double *pairs = t && t->count ? malloc(2 * t->count * sizeof *pairs) : NULL;
+  if (pairs) {
+    for (int b = 0; b < FAST_BUCKETS; b++) {
+      for (struct fast_entry *e = t->buckets[b]; e && n < 2 * (size_t)t->count; e = e->next) {
+        pairs[n++] = e->route->id;
+        pairs[n++] = e->route->started;
+      }
+    }
+  }
+  fast_table_free(t);
   pthread_mutex_unlock(&r->fast_lock);
-  return NULL;
+  napi_value out, v;
+  napi_create_array_with_length(env, n, &out);
+  for (size_t i = 0; i < n; i++) {
+    napi_create_double(env, pairs[i], &v);
+    napi_set_element(env, out, (uint32_t)i, v);
+  }
+  free(pairs);
+  return out;
 }
 
 /* busy() -> whether the relay thread still holds connections, commands or records JS has not had

@@ -405,7 +405,7 @@ spec:
     assert.deepEqual([e.reason, e.sni, e.upstream], ['ok', 'x.example.com', `127.0.0.1:${echo.a.port}`]);
   });
 
-  it('under concurrent load and reloads, the active counts both threads keep stay exact: afterwards maxConnections 2 admits two, refuses the third', { timeout: 60_000 }, async () => {
+  it('under concurrent load and reloads, every connection is logged once and the active counts both threads keep stay exact: afterwards maxConnections 2 admits two, refuses the third', { timeout: 60_000 }, async () => {
     const generation = async (): Promise<number> => (JSON.parse((await gw.admin('/config_dump')).body) as { generation: number }).generation;
     let stop = false;
     // Reloads: a.example.com flips between two upstreams; every apply forgets the learned routes.
@@ -419,6 +419,9 @@ spec:
     })();
     let exchanges = 0;
     let holds = 0;
+    // Every client connection's address: each must have its access-log line, also when a reload
+    // forgot its route while the relay's records of it were still on their way to JS.
+    const downs: string[] = [];
     const worker = async (k: number): Promise<void> => {
       while (!stop) {
         if (k % 2 === 0) {
@@ -426,10 +429,12 @@ spec:
           const x = await exchange(P, sni, ca.certPem, `k${k}\n`);
           assert.ok(['a.upstream', 'b.upstream', 'r1.upstream', 'r2.upstream'].includes(x.cn), `${sni} reached ${x.cn}`);
           assert.equal(x.reply, `k${k}\n`);
+          downs.push(x.down);
           exchanges++;
         } else {
           // The held cluster: admitted or refused (upstream_overflow), then closed by the client.
           const c = await dial(P);
+          downs.push(`127.0.0.1:${c.localPort}`);
           c.write(helloHold);
           await sleep(2 + (holds % 7) * 3);
           c.destroy();
@@ -445,6 +450,12 @@ spec:
     await writeFile(path.join(cfg, 'main.yaml'), gateway(P, mainRoutes('a.upstream.local')));
     await until('back to the first config', async () => ((await exchange(P, 'a.example.com', ca.certPem)).cn === 'a.upstream' ? true : undefined));
     await until('no open connection left', async () => ((await metric(gw, 'downstream_connections_active', { listener: L() })) === 0 ? true : undefined));
+    const logged = new Map<string, number>();
+    for (const e of gw.accessLogs()) if (e.kind === 'tcp' || e.kind === 'connection') logged.set(String(e.downstream), (logged.get(String(e.downstream)) ?? 0) + 1);
+    const want = new Map<string, number>();
+    for (const d of downs) want.set(d, (want.get(d) ?? 0) + 1);
+    const missing = [...want].filter(([d, n]) => (logged.get(d) ?? 0) < n);
+    assert.deepEqual(missing, [], `${missing.length} of ${downs.length} connections without an access-log line`);
     // The hold cluster's count is back to exactly 0: two connections are admitted, the third refused.
     const start = holder.conns.length;
     const held: net.Socket[] = [];
@@ -527,6 +538,46 @@ spec:
       const entries = await Promise.all(runs.map((x) => accessEntry(v6, x.down, 'tcp')));
       assert.deepEqual(entries.map((e) => [e.reason, e.downstream, e.listener, e.alpn, e.upstream]),
         runs.map((x) => ['ok', x.down, `::1_${Q}`, 'h2', `127.0.0.1:${echo.a.port}`]));
+    });
+  });
+
+  describe('stopped at once', () => {
+    let sg: Gateway;
+    let Q: number;
+    before(async () => {
+      ({ gw: sg, port: Q } = await variant('config-stop', {}, ['--drain-timeout', '1s']));
+    });
+    after(async () => { await sg?.stop(); });
+
+    // The relay's records reach JS in batches: a connection that starts a moment before SIGTERM
+    // forgets the learned routes has its START and END records still on their way.
+    it('SIGTERM the moment a relay-routed connection reached its upstream: the connection is closed and still logged', { timeout: 30_000 }, async () => {
+      const hold = async (): Promise<{ s: net.Socket; down: string; closed: Promise<Buffer> }> => {
+        const n = holder.conns.length;
+        const s = await dial(Q);
+        const closed = closedWith(s, 10_000);
+        s.write(helloHold);
+        // Polled closely: SIGTERM must come before the relay's next batch of records (20 ms).
+        const deadline = Date.now() + 5_000;
+        while (!(holder.conns.length > n && Buffer.concat(holder.conns[n]!.bytes).length >= helloHold.length)) {
+          if (Date.now() > deadline) assert.fail('the holder did not get the hello within 5 s');
+          await sleep(1);
+        }
+        return { s, down: `127.0.0.1:${s.localPort}`, closed };
+      };
+      const first = await hold();
+      first.s.destroy();
+      // Logged once JS routed it, and so learned.
+      await entryFor(sg, first.down);
+      const second = await hold();
+      try {
+        assert.equal(await sg.stop('SIGTERM'), 0);
+        await second.closed;
+        const e = await entryFor(sg, second.down);
+        assert.deepEqual([e.sni, e.upstream, e.bytesReceived], ['hold.example.com', `127.0.0.1:${holder.port}`, helloHold.length]);
+      } finally {
+        second.s.destroy();
+      }
     });
   });
 

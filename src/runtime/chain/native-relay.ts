@@ -93,8 +93,10 @@ interface Addon {
   connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer): number;
   stop(id: number): void;
   setFast?(onFast: (count: number, extras: unknown[] | undefined) => void, records: Float64Array, slots: Int32Array): void;
-  fastLearn?(lid: number, sni: string | null, maxHelloBytes: number, log: boolean, routeId: number, targets: FastTargetSpec[]): boolean;
-  fastForget?(lid: number): void;
+  /** -1: not learned; else how many connections the route it replaced had started. */
+  fastLearn?(lid: number, sni: string | null, maxHelloBytes: number, log: boolean, routeId: number, targets: FastTargetSpec[]): number;
+  /** [routeId, started, ...] of the routes forgotten. */
+  fastForget?(lid: number): number[];
   scanHello?(bytes: Buffer, maxBytes: number): [string, string | undefined, string | undefined, boolean];
   /** The record layout the addon writes (FAST_STRIDE in native/relay.c). */
   fastStride?: number;
@@ -218,8 +220,15 @@ function decodeAlpn(list: string): string[] {
 
 interface LearnedRoute {
   handler: FastRouteHandler;
-  /** Connections started on it and not yet ended. */
+  /** Connections started on it (START records had) and not yet ended. */
   live: number;
+  /** START records had. */
+  started: number;
+  /**
+   * Once forgotten: how many connections the addon started on it. Their records may still be on
+   * the way (batched), so the route stays until all of them have started and ended.
+   */
+  expected: number;
   forgotten: boolean;
 }
 const fastRoutes = new Map<number, LearnedRoute>();
@@ -240,7 +249,8 @@ function onFast(count: number, extras: unknown[] | undefined): void {
     if (r === undefined) continue;
     if (kind === FAST_START) {
       r.live++;
-    } else if (kind === FAST_END && --r.live === 0 && r.forgotten) {
+      r.started++;
+    } else if (kind === FAST_END && --r.live === 0 && r.forgotten && r.started >= r.expected) {
       fastRoutes.delete(id);
     }
     try {
@@ -268,17 +278,19 @@ export function learnFastRoute(lid: number, sni: string | undefined, opts: { max
   const a = addon;
   if (!a?.fastLearn || !fastWired || !fastEnabled) return false;
   const id = ++nextRouteId;
+  let replacedStarted: number;
   try {
-    if (!a.fastLearn(lid, sni ?? null, Math.max(0, Math.floor(opts.maxHelloBytes)), opts.log, id, targets)) return false;
+    replacedStarted = a.fastLearn(lid, sni ?? null, Math.max(0, Math.floor(opts.maxHelloBytes)), opts.log, id, targets);
   } catch {
     return false; // a target the addon cannot take (JS keeps routing this SNI)
   }
-  fastRoutes.set(id, { handler, live: 0, forgotten: false });
+  if (typeof replacedStarted !== 'number' || replacedStarted < 0) return false;
+  fastRoutes.set(id, { handler, live: 0, started: 0, expected: 0, forgotten: false });
   let m = learnedBy.get(lid);
   if (m === undefined) learnedBy.set(lid, (m = new Map()));
   const key = sni ?? '\0';
   const prev = m.get(key);
-  if (prev !== undefined) retire(prev);
+  if (prev !== undefined) retire(prev, replacedStarted);
   m.set(key, id);
   return true;
 }
@@ -288,11 +300,13 @@ export function fastRouteLearned(lid: number, sni: string | undefined): boolean 
   return learnedBy.get(lid)?.has(sni ?? '\0') === true;
 }
 
-function retire(id: number): void {
+/** A route the addon no longer picks, which had started `started` connections. */
+function retire(id: number, started: number): void {
   const r = fastRoutes.get(id);
   if (r === undefined) return;
   r.forgotten = true;
-  if (r.live === 0) fastRoutes.delete(id);
+  r.expected = started;
+  if (r.live === 0 && r.started >= started) fastRoutes.delete(id);
 }
 
 /** Listener `lid`'s learned routes go (a new config); connections on them go on and still report. */
@@ -300,8 +314,11 @@ export function forgetFastRoutes(lid: number): void {
   const m = learnedBy.get(lid);
   if (m === undefined) return;
   learnedBy.delete(lid);
-  for (const id of m.values()) retire(id);
-  addon?.fastForget?.(lid);
+  const pairs = addon?.fastForget?.(lid);
+  const started = new Map<number, number>();
+  if (Array.isArray(pairs)) for (let i = 0; i + 1 < pairs.length; i += 2) started.set(pairs[i]!, pairs[i + 1]!);
+  // A route the addon did not name (no memory for the list): what has reached JS so far.
+  for (const id of m.values()) retire(id, started.get(id) ?? fastRoutes.get(id)?.started ?? 0);
 }
 
 /** Every listener's learned routes go (clusters or endpoints changed). */
