@@ -31,6 +31,7 @@ struct fast_cluster {
   uint32_t slot;      /* the cluster's active connections */
   int64_t max_conns;  /* -1: no limit */
   uint32_t connect_ms, idle_ms;
+  int64_t keepalive; /* -1: none; else as keepalive_valid in relay.c reads it */
   uint32_t n;
   struct fast_host *hosts;
   double *weight, *cum, *cur; /* effective weights, running sums, smooth round-robin state */

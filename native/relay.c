@@ -101,7 +101,6 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define ALPN_TABLE 16
 
 /* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
-#define KEEPALIVE_IDLE_S 60
 /*
  * One read moves at most this much through the relay's buffer. A short read proves the socket
  * empty (a short splice does not: the pipe may have run out of slots), so no read is spent on
@@ -182,6 +181,7 @@ struct conn {
   int64_t connect_ms, connect_due;
   struct sockaddr_storage addr;
   socklen_t addrlen;
+  int64_t keepalive; /* the upstream socket's TCP keep-alive (set_keepalive) */
   bool closed, queued;
   /* Reported to JS when it ends: every connection JS started (start, connect, acceptedConnect). */
   bool submitted;
@@ -747,6 +747,26 @@ static void connect_event(struct relay *r, struct side *s, uint32_t ev) {
   else if (ev & EPOLLOUT) connected(r, c);
 }
 
+/*
+ * A cluster's TCP keep-alive (connectionPool.tcp.tcpKeepalive) as JS packs it (keepaliveWord in
+ * native-relay.ts): -1 none; else idle seconds << 24 | interval seconds << 8 | probes, each 0
+ * for the OS default.
+ */
+static bool keepalive_valid(int64_t ka) {
+  return ka == -1 || (ka >= 0 && (ka >> 24) <= 32767 && ((ka >> 8) & 0xffff) <= 32767 && (ka & 0xff) <= 127);
+}
+
+/* SO_KEEPALIVE and each value given; the others stay at the OS default. False if one failed. */
+static bool set_keepalive(int fd, int64_t ka) {
+  if (ka < 0) return true;
+  int one = 1, idle = (int)(ka >> 24), intvl = (int)((ka >> 8) & 0xffff), cnt = (int)(ka & 0xff);
+  bool ok = setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) == 0;
+  if (idle) ok = setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) == 0 && ok;
+  if (intvl) ok = setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl) == 0 && ok;
+  if (cnt) ok = setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt) == 0 && ok;
+  return ok;
+}
+
 /* Opens and dials the upstream socket: 0 connected at once, 1 under way, -1 failed. */
 static int start_connect(struct conn *c) {
   int fd = socket(c->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
@@ -754,10 +774,10 @@ static int start_connect(struct conn *c) {
   c->fd[1] = fd;
   c->d2u.dst = fd;
   c->u2d.src = fd;
-  int one = 1, idle = KEEPALIVE_IDLE_S;
+  int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  /* None unless the DestinationRule asks, as Envoy does. */
+  set_keepalive(fd, c->keepalive);
   if (connect(fd, (struct sockaddr *)&c->addr, c->addrlen) == 0) return 0;
   return errno == EINPROGRESS || errno == EINTR ? 1 : -1;
 }
@@ -885,6 +905,7 @@ static enum fast_outcome fast_try(struct relay *r, struct conn *c) {
   c->idle_ms = cl->idle_ms;
   c->connecting = true;
   c->connect_ms = cl->connect_ms;
+  c->keepalive = cl->keepalive;
   c->addr = h->addr;
   c->addrlen = h->addrlen;
   c->dial_ms = now_ms();
@@ -977,6 +998,7 @@ static void accept_one(struct relay *r, struct listener *l, int fd, struct socka
     close(fd);
     return;
   }
+  c->keepalive = -1;
   __atomic_add_fetch(&l->open, 1, __ATOMIC_RELAXED);
   c->fd[0] = fd;
   c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
@@ -1815,6 +1837,7 @@ static struct conn *new_conn(napi_env env, struct relay *r, int64_t down, int64_
     return NULL;
   }
   c->fd[0] = c->fd[1] = c->d2u.pr = c->d2u.pw = c->u2d.pr = c->u2d.pw = -1;
+  c->keepalive = -1;
   c->fd[0] = fcntl((int)down, F_DUPFD_CLOEXEC, 0);
   if (up >= 0) c->fd[1] = fcntl((int)up, F_DUPFD_CLOEXEC, 0);
   if (c->fd[0] < 0 || (up >= 0 && c->fd[1] < 0) || !make_pipe(r, &c->d2u) || !make_pipe(r, &c->u2d)) {
@@ -1904,17 +1927,18 @@ static bool parse_address(const char *ip, int64_t port, struct sockaddr_storage 
 /* connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head) -> id */
 static napi_value js_connect(napi_env env, napi_callback_info info) {
   struct relay *r;
-  size_t argc = 7;
-  napi_value argv[7];
+  size_t argc = 8;
+  napi_value argv[8];
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
-  static const char usage[] = "connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head)";
-  int64_t down, port, ctimeout, idle;
+  static const char usage[] = "connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head, keepalive)";
+  int64_t down, port, ctimeout, idle, ka;
   bool down_eof = false, is_buf = false;
   char ip[64];
   size_t iplen = 0;
-  if (argc < 7 || get_int(env, argv[0], &down) || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
+  if (argc < 8 || get_int(env, argv[0], &down) || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
       get_int(env, argv[2], &port) || get_int(env, argv[3], &ctimeout) || get_int(env, argv[4], &idle) ||
       napi_get_value_bool(env, argv[5], &down_eof) != napi_ok || napi_is_buffer(env, argv[6], &is_buf) != napi_ok || !is_buf ||
+      get_int(env, argv[7], &ka) || !keepalive_valid(ka) ||
       down < 0 || down > INT32_MAX || port <= 0 || port > 65535 || ctimeout <= 0 || idle < 0 || iplen >= sizeof ip - 1) {
     napi_throw_type_error(env, NULL, usage);
     return NULL;
@@ -1947,6 +1971,7 @@ static napi_value js_connect(napi_env env, napi_callback_info info) {
   c->d2u.head_len = len;
   c->connecting = true;
   c->connect_ms = ctimeout;
+  c->keepalive = ka;
   c->addr = addr;
   c->addrlen = addrlen;
   return submit(env, r, c);
@@ -2250,17 +2275,17 @@ static napi_value js_close_accepted(napi_env env, napi_callback_info info) {
  */
 static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
   struct relay *r;
-  size_t argc = 6;
-  napi_value argv[6];
+  size_t argc = 7;
+  napi_value argv[7];
   napi_get_cb_info(env, info, &argc, argv, NULL, (void **)&r);
-  static const char usage[] = "acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix)";
-  int64_t port, ctimeout, idle;
+  static const char usage[] = "acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix, keepalive)";
+  int64_t port, ctimeout, idle, ka;
   bool is_buf = false;
   char ip[64];
   size_t iplen = 0;
-  if (argc < 6 || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
+  if (argc < 7 || napi_get_value_string_utf8(env, argv[1], ip, sizeof ip, &iplen) != napi_ok ||
       get_int(env, argv[2], &port) || get_int(env, argv[3], &ctimeout) || get_int(env, argv[4], &idle) ||
-      napi_is_buffer(env, argv[5], &is_buf) != napi_ok || !is_buf ||
+      napi_is_buffer(env, argv[5], &is_buf) != napi_ok || !is_buf || get_int(env, argv[6], &ka) || !keepalive_valid(ka) ||
       port <= 0 || port > 65535 || ctimeout <= 0 || idle < 0 || iplen >= sizeof ip - 1) {
     napi_throw_type_error(env, NULL, usage);
     return NULL;
@@ -2314,6 +2339,7 @@ static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
   c->idle_ms = idle;
   c->connecting = true;
   c->connect_ms = ctimeout;
+  c->keepalive = ka;
   c->addr = addr;
   c->addrlen = addrlen;
   return submit(env, r, c);
@@ -2367,12 +2393,13 @@ static bool element_number(napi_env env, napi_value arr, uint32_t i, double *out
 /* One target of a route spec: [weight, policy, clusterSlot, maxConns, connectMs, idleMs, hosts]
  * with hosts [[ip, port, weight, slot], ...]. */
 static bool parse_target(napi_env env, napi_value spec, struct fast_route *rt, uint32_t i) {
-  double w, pol, slot, max, cms, ims;
+  double w, pol, slot, max, cms, ims, ka;
   napi_value hosts;
   uint32_t n = 0;
   if (!element_number(env, spec, 0, &w) || !element_number(env, spec, 1, &pol) || !element_number(env, spec, 2, &slot) ||
       !element_number(env, spec, 3, &max) || !element_number(env, spec, 4, &cms) || !element_number(env, spec, 5, &ims) ||
       napi_get_element(env, spec, 6, &hosts) != napi_ok || napi_get_array_length(env, hosts, &n) != napi_ok ||
+      !element_number(env, spec, 7, &ka) || ka != ka || ka < -1 || ka > 0x7fffffffffLL || !keepalive_valid((int64_t)ka) ||
       pol < 0 || pol > 2 || slot < 0 || cms < 1 || ims < 0 || n == 0 || n > 65536) {
     return false;
   }
@@ -2383,6 +2410,7 @@ static bool parse_target(napi_env env, napi_value spec, struct fast_route *rt, u
   c->max_conns = max < 0 ? -1 : (int64_t)max;
   c->connect_ms = (uint32_t)cms;
   c->idle_ms = (uint32_t)ims;
+  c->keepalive = (int64_t)ka;
   c->hosts = calloc(n, sizeof *c->hosts);
   c->weight = calloc(n, sizeof *c->weight);
   c->cum = calloc(n, sizeof *c->cum);
@@ -2447,7 +2475,7 @@ static napi_value js_fast_learn(napi_env env, napi_callback_info info) {
     napi_value spec;
     if (napi_get_element(env, argv[5], i, &spec) != napi_ok || !parse_target(env, spec, rt, i)) {
       fast_route_unref(rt);
-      napi_throw_type_error(env, NULL, "fastLearn: a target is not [weight, policy, clusterSlot, maxConns, connectMs, idleMs, [[ip, port, weight, slot], ...]]");
+      napi_throw_type_error(env, NULL, "fastLearn: a target is not [weight, policy, clusterSlot, maxConns, connectMs, idleMs, [[ip, port, weight, slot], ...], keepalive]");
       return NULL;
     }
     rt->total += rt->weight[i];
@@ -2510,6 +2538,46 @@ static napi_value js_fast_forget(napi_env env, napi_callback_info info) {
     napi_set_element(env, out, (uint32_t)i, v);
   }
   free(pairs);
+  return out;
+}
+
+/* setKeepalive(fd, keepalive) -> whether every option took: TCP keep-alive on a socket Node
+ * dialled, as the cluster asks (Node's own setKeepAlive also sets interval and probes). */
+static napi_value js_set_keepalive(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, ka;
+  if (argc < 2 || get_int(env, argv[0], &fd) || get_int(env, argv[1], &ka) || fd < 0 || fd > INT32_MAX || !keepalive_valid(ka)) {
+    napi_throw_type_error(env, NULL, "setKeepalive(fd, keepalive)");
+    return NULL;
+  }
+  napi_value out;
+  napi_get_boolean(env, set_keepalive((int)fd, ka), &out);
+  return out;
+}
+
+/* keepaliveOf(fd) -> [SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT] as the kernel has
+ * them (-1 where it would not say): what setKeepalive and the relay's dials set, read back. */
+static napi_value js_keepalive_of(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd;
+  if (argc < 1 || get_int(env, argv[0], &fd) || fd < 0 || fd > INT32_MAX) {
+    napi_throw_type_error(env, NULL, "keepaliveOf(fd)");
+    return NULL;
+  }
+  static const int opts[4][2] = { { SOL_SOCKET, SO_KEEPALIVE }, { IPPROTO_TCP, TCP_KEEPIDLE }, { IPPROTO_TCP, TCP_KEEPINTVL }, { IPPROTO_TCP, TCP_KEEPCNT } };
+  napi_value out, v;
+  napi_create_array_with_length(env, 4, &out);
+  for (uint32_t i = 0; i < 4; i++) {
+    int val = 0;
+    socklen_t len = sizeof val;
+    if (getsockopt((int)fd, opts[i][0], opts[i][1], &val, &len) != 0) val = -1;
+    napi_create_int32(env, val, &v);
+    napi_set_element(env, out, i, v);
+  }
   return out;
 }
 
@@ -2768,6 +2836,8 @@ static napi_value init_module(napi_env env, napi_value exports) {
     { "fastForget", NULL, js_fast_forget, NULL, NULL, NULL, napi_enumerable, r },
     { "scanHello", NULL, js_scan_hello, NULL, NULL, NULL, napi_enumerable, r },
     { "busy", NULL, js_busy, NULL, NULL, NULL, napi_enumerable, r },
+    { "setKeepalive", NULL, js_set_keepalive, NULL, NULL, NULL, napi_enumerable, r },
+    { "keepaliveOf", NULL, js_keepalive_of, NULL, NULL, NULL, napi_enumerable, r },
     { "fastStride", NULL, NULL, NULL, NULL, stride, napi_enumerable, r },
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -330,6 +330,12 @@ export interface Cluster {
      */
     tcpIdleTimeoutMs?: number;
   };
+  /**
+   * TCP keep-alive on every upstream connection (DestinationRule connectionPool.tcp.tcpKeepalive):
+   * SO_KEEPALIVE, and each value given (whole seconds, a probe count); one left out keeps the
+   * OS default. Absent: no keep-alive, as Envoy and Istio do by default.
+   */
+  tcpKeepalive?: { timeS?: number; intervalS?: number; probes?: number };
   origin?: Origin;
 }
 

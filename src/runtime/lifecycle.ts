@@ -15,7 +15,7 @@ import { SecureContextCache } from './pki/context-cache.js';
 import { ClusterManager } from './upstream/cluster-manager.js';
 import { createHttpHandler } from './chain/http.js';
 import { handleConnect } from './chain/connect.js';
-import { forgetAllFastRoutes, nativeRelayBusy } from './chain/native-relay.js';
+import { forgetAllFastRoutes, keepaliveExact, nativeRelayBusy } from './chain/native-relay.js';
 
 export interface ApplyResult {
   ok: boolean;
@@ -383,6 +383,9 @@ export class DataPlane {
       else if ('warnings' in r) warnings.push(...r.warnings);
     }
     if (errors.length) return { ok: false, errors, warnings };
+    if (!keepaliveExact() && Object.values(input.clusters).some((c) => c.tcpKeepalive !== undefined)) {
+      warnings.push('connectionPool.tcp.tcpKeepalive: the native addon is not built, so Node sets keep-alive itself, with a 1s interval and 10 probes whatever the DestinationRule says (time is kept)');
+    }
     const snapshot: Snapshot = { ...input, generation: ++this.#generation };
     const secretLookup = (n: string) => this.#certs.get(n);
     // The first apply creates the clusters; later ones change them only once nothing can refuse

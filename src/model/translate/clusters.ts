@@ -322,8 +322,9 @@ export class ClusterBuilder {
         if (Number.isNaN(idle) || idle < 0) this.ctx.error('TG2005', dr, `${path}.tcp.idleTimeout`, `invalid duration "${tcp.idleTimeout}"`, 'use e.g. 30s, 1h; 0s disables it');
         else cluster.limits.tcpIdleTimeoutMs = idle;
       }
-      for (const f of ['tcpKeepalive', 'maxConnectionDuration'] as const) {
-        if (tcp[f] !== undefined) this.#once(dr, `${path}.tcp.${f}`, () => this.ctx.error('TG4001', dr, `${path}.tcp.${f}`, `not supported yet: connectionPool.tcp.${f}`));
+      if (tcp.tcpKeepalive !== undefined) this.#applyKeepalive(cluster, tcp.tcpKeepalive, dr, `${path}.tcp.tcpKeepalive`);
+      if (tcp.maxConnectionDuration !== undefined) {
+        this.#once(dr, `${path}.tcp.maxConnectionDuration`, () => this.ctx.error('TG4001', dr, `${path}.tcp.maxConnectionDuration`, 'not supported yet: connectionPool.tcp.maxConnectionDuration'));
       }
     }
     if (http) {
@@ -339,6 +340,37 @@ export class ClusterBuilder {
         if (http[f] !== undefined) this.#once(dr, `${path}.http.${f}`, () => this.ctx.error('TG4001', dr, `${path}.http.${f}`, `not supported yet: connectionPool.http.${f}`));
       }
     }
+  }
+
+  /**
+   * tcpKeepalive replaces what a broader level set (a subset's or port's own, as a whole). Istio
+   * hands Envoy whole seconds (the fraction is dropped); Linux takes 1-32767 s and 1-127 probes,
+   * so values outside are errors here rather than a socket option failing on every connection.
+   */
+  #applyKeepalive(cluster: Cluster, ka: NonNullable<NonNullable<ConnectionPoolSettings['tcp']>['tcpKeepalive']>, dr: DestinationRuleResource, path: string): void {
+    const out: NonNullable<Cluster['tcpKeepalive']> = {};
+    let ok = true;
+    for (const [field, key] of [['time', 'timeS'], ['interval', 'intervalS']] as const) {
+      const raw = ka[field];
+      const ms = parseDuration(raw);
+      if (ms === undefined) continue;
+      const s = Math.floor(ms / 1000);
+      if (Number.isNaN(ms) || s < 1 || s > 32767) {
+        ok = false;
+        this.ctx.error('TG2005', dr, `${path}.${field}`, `invalid keep-alive ${field} "${raw}": the kernel takes whole seconds from 1s to 32767s`, 'use e.g. 30s, 5m');
+      } else {
+        out[key] = s;
+      }
+    }
+    if (ka.probes !== undefined && ka.probes > 0) {
+      if (ka.probes > 127) {
+        ok = false;
+        this.ctx.error('TG2005', dr, `${path}.probes`, `invalid keep-alive probes ${ka.probes}: the kernel takes 1 to 127`, 'use e.g. 3, 9');
+      } else {
+        out.probes = ka.probes;
+      }
+    }
+    if (ok) cluster.tcpKeepalive = out;
   }
 
   /** Upstream TLS from ClientTlsSettings. undefined = plaintext; null = invalid (reported). */

@@ -25,7 +25,12 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type net from 'node:net';
+import type { Cluster } from '../../model/snapshot.js';
 import { activeSlots } from '../upstream/active-slots.js';
+
+/** DestinationRule connectionPool.tcp.tcpKeepalive, translated. */
+export type TcpKeepalive = NonNullable<Cluster['tcpKeepalive']>;
 
 export type RelayMode = 'auto' | 'native' | 'js';
 
@@ -88,9 +93,11 @@ interface Addon {
   more(id: number): void;
   adopt(id: number): number;
   closeAccepted(id: number): void;
-  acceptedConnect(id: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, prefix: Buffer): number;
+  acceptedConnect(id: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, prefix: Buffer, keepalive: number): number;
   start(downFd: number, upFd: number, idleTimeoutMs: number, downEof: boolean, upEof: boolean): number;
-  connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer): number;
+  connect(downFd: number, ip: string, port: number, connectTimeoutMs: number, idleTimeoutMs: number, downEof: boolean, head: Buffer, keepalive: number): number;
+  setKeepalive?(fd: number, keepalive: number): boolean;
+  keepaliveOf?(fd: number): [number, number, number, number];
   stop(id: number): void;
   setFast?(onFast: (count: number, extras: unknown[] | undefined) => void, records: Float64Array, slots: Int32Array): void;
   /** -1: not learned; else how many connections the route it replaced had started. */
@@ -102,8 +109,11 @@ interface Addon {
   fastStride?: number;
 }
 
-/** One target of a learned route, as the addon takes it (see fastLearn in native/relay.c). */
-type FastTargetSpec = [number, number, number, number, number, number, [string, number, number, number][]];
+/**
+ * One target of a learned route, as the addon takes it (see fastLearn in native/relay.c): weight,
+ * policy, cluster slot, maxConnections, connect and idle timeouts, endpoints, keep-alive.
+ */
+type FastTargetSpec = [number, number, number, number, number, number, [string, number, number, number][], number];
 
 let addon: Addon | undefined;
 let loadError: string | undefined;
@@ -470,16 +480,53 @@ export function nativeConnectInUse(): boolean {
  */
 export function connectNativeRelay(
   downFd: number, ip: string, port: number,
-  opts: { connectTimeoutMs: number; idleTimeoutMs: number; downEof: boolean; head: Buffer | undefined },
+  opts: { connectTimeoutMs: number; idleTimeoutMs: number; downEof: boolean; head: Buffer | undefined; keepalive: TcpKeepalive | undefined },
   onConnected: () => void, onDone: (r: NativeRelayResult) => void,
 ): number {
   const a = load();
   if (!a) throw new Error(`native relay unavailable: ${loadError}`);
   const id = a.connect(downFd, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)),
-    opts.downEof, opts.head ?? EMPTY);
+    opts.downEof, opts.head ?? EMPTY, keepaliveWord(opts.keepalive));
   pending.set(id, onDone);
   dialling.set(id, onConnected);
   return id;
+}
+
+/**
+ * A cluster's TCP keep-alive as the addon takes it: -1 off; else time << 24 | interval << 8 |
+ * probes, each 0 for the OS default (time and interval at most 32767 s, probes at most 127).
+ */
+export function keepaliveWord(k: TcpKeepalive | undefined): number {
+  if (k === undefined) return -1;
+  return (k.timeS ?? 0) * 2 ** 24 + (k.intervalS ?? 0) * 256 + (k.probes ?? 0);
+}
+
+/**
+ * TCP keep-alive on a socket Node dialled, as `k` says. The addon sets SO_KEEPALIVE and each
+ * value given, leaving the others at the OS default. Node's own setKeepAlive (the fallback
+ * without the addon) also sets a 1 s probe interval and 10 probes: false then.
+ */
+export function setSocketKeepalive(socket: net.Socket, k: TcpKeepalive): boolean {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  const a = load();
+  if (a?.setKeepalive && typeof fd === 'number' && fd >= 0 && a.setKeepalive(fd, keepaliveWord(k))) return true;
+  socket.setKeepAlive(true, (k.timeS ?? 7200) * 1000);
+  return false;
+}
+
+/**
+ * A socket's keep-alive as the kernel has it (SO_KEEPALIVE, idle and interval seconds, probes),
+ * for tests and diagnostics; undefined without the addon or a descriptor.
+ */
+export function socketKeepalive(socket: net.Socket): { on: boolean; timeS: number; intervalS: number; probes: number } | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  const v = typeof fd === 'number' && fd >= 0 ? load()?.keepaliveOf?.(fd) : undefined;
+  return v === undefined ? undefined : { on: v[0] > 0, timeS: v[1], intervalS: v[2], probes: v[3] };
+}
+
+/** Whether setSocketKeepalive can set keep-alive exactly as configured (the addon is there). */
+export function keepaliveExact(): boolean {
+  return load()?.setKeepalive !== undefined;
 }
 
 /** Ends a natively relayed connection; its `onDone` follows with reason `stopped`. */
@@ -578,12 +625,13 @@ export function closeAccepted(id: number): void {
  */
 export function connectAccepted(
   id: number, ip: string, port: number,
-  opts: { connectTimeoutMs: number; idleTimeoutMs: number; prefix: Buffer | undefined },
+  opts: { connectTimeoutMs: number; idleTimeoutMs: number; prefix: Buffer | undefined; keepalive: TcpKeepalive | undefined },
   onConnected: () => void, onDone: (r: NativeRelayResult) => void,
 ): void {
   const a = addon!;
   decided = id;
-  a.acceptedConnect(id, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)), opts.prefix ?? EMPTY);
+  a.acceptedConnect(id, ip, port, Math.max(1, Math.floor(opts.connectTimeoutMs)), Math.max(0, Math.floor(opts.idleTimeoutMs)), opts.prefix ?? EMPTY,
+    keepaliveWord(opts.keepalive));
   pending.set(id, onDone);
   dialling.set(id, onConnected);
 }

@@ -33,7 +33,7 @@ import { isoTime } from '../iso-time.js';
 import { counterOf, type Reason, type Telemetry } from '../telemetry.js';
 import { subjectAltNames } from './xfcc.js';
 import { connectAccepted, connectNativeRelay, nativeConnectInUse, relayInUse, startNativeRelay, stopNativeRelay, type NativeRelayResult,
-  FAST_CONNECTED, FAST_END, FAST_REASONS, FAST_START, type FastRouteHandler } from './native-relay.js';
+  FAST_CONNECTED, FAST_END, FAST_REASONS, FAST_START, type FastRouteHandler, type TcpKeepalive } from './native-relay.js';
 import type { FastClusterTarget } from '../upstream/cluster-manager.js';
 
 /** An endpoint picked and counted active for one connection that the native relay dials itself. */
@@ -45,6 +45,8 @@ export interface TcpReservation {
   endpoint: string;
   /** The cluster's connect timeout. */
   timeoutMs: number;
+  /** The cluster's TCP keep-alive (none when undefined). */
+  keepalive: TcpKeepalive | undefined;
   /** Ends the endpoint's and cluster's active count (idempotent). */
   release(): void;
 }
@@ -337,7 +339,7 @@ export function proxyTcpAccepted(id: number, helloBytes: number, proxy: TcpProxy
     // A throw here has closed the connection (out of descriptors for pipes, say).
     connectAccepted(id, res.address, res.port, {
       connectTimeoutMs, idleTimeoutMs: cluster.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs,
-      prefix: pp ? proxyHeaderFor(pp, info) : undefined,
+      prefix: pp ? proxyHeaderFor(pp, info) : undefined, keepalive: res.keepalive,
     }, onConnected, onDone);
   }, () => { endpoint = res.endpoint; }, (r, why) => end(r, why ?? 'ok'));
   return true;
@@ -509,7 +511,7 @@ export function proxyTcp(down: net.Socket, replay: Buffer | undefined, proxy: Tc
     dialByAddon(telemetry, target!.cluster, res, (connectTimeoutMs, onConnected, onDone) => {
       nativeId = connectNativeRelay(dh.fd!, res.address, res.port, {
         connectTimeoutMs, idleTimeoutMs: idleMs, downEof,
-        head: head.length === 0 ? undefined : head.length === 1 ? head[0] : Buffer.concat(head),
+        head: head.length === 0 ? undefined : head.length === 1 ? head[0] : Buffer.concat(head), keepalive: res.keepalive,
       }, onConnected, onDone);
     }, () => { endpoint = res.endpoint; }, (r, why) => {
       // Out of descriptors, say (no report): this connection fails as a dial that could not open a socket would.

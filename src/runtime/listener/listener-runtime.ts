@@ -445,7 +445,7 @@ export class ListenerRuntime {
       const t = clusters.fastTarget?.(w.cluster);
       const c = clusters.get?.(w.cluster);
       if (t === undefined || c === undefined) return;
-      targets.push([w.weight, t.policy, t.clusterSlot, t.maxConnections, t.connectTimeoutMs, c.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs, t.hosts]);
+      targets.push([w.weight, t.policy, t.clusterSlot, t.maxConnections, t.connectTimeoutMs, c.limits.tcpIdleTimeoutMs ?? proxy.idleTimeoutMs, t.hosts, t.keepalive]);
       names.push(w.cluster);
       endpoints.push(t.labels);
     }

@@ -30,6 +30,7 @@ import type { buildConnector } from 'undici';
 import type { Cluster, Endpoint } from '../../model/snapshot.js';
 import type { Reason } from '../telemetry.js';
 import { subjectAltNames } from '../chain/xfcc.js';
+import { keepaliveWord, setSocketKeepalive, type TcpKeepalive } from '../chain/native-relay.js';
 import { DnsCache, DnsError } from './dns.js';
 import { H1Pool } from './h1-pool.js';
 import type { Connector, PoolHandler, PoolRequest, UpstreamPool } from './pool.js';
@@ -694,15 +695,19 @@ export class ClusterManager {
         finish(null, ts);
       });
       ts.setNoDelay(true);
-      ts.setKeepAlive(true, 60_000);
     } else {
-      // As connect options they are set once on the new socket (the setters would set them now
-      // and again once connected).
-      socket = net.connect({ ...target, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000 });
+      // As a connect option it is set once on the new socket (the setter would set it now and
+      // again once connected).
+      socket = net.connect({ ...target, noDelay: true });
       socket.once('connect', () => finish(null, socket));
     }
     let connected = false;
-    socket.once('connect', () => { connected = true; });
+    const keepalive = c.tcpKeepalive;
+    socket.once('connect', () => {
+      connected = true;
+      // None unless the DestinationRule asks (connectionPool.tcp.tcpKeepalive), as Envoy does.
+      if (keepalive !== undefined && !('path' in target)) setSocketKeepalive(socket, keepalive);
+    });
     socket.on('error', (err: TaggedError) => {
       if (done) return;
       // An error before TCP connected is a connect failure; after, during the handshake, a TLS failure.
@@ -917,12 +922,13 @@ export class ClusterManager {
       clusterSlot: s.slot,
       maxConnections: c.limits.maxConnections ?? -1,
       connectTimeoutMs: c.connectTimeoutMs > 0 ? c.connectTimeoutMs : 10_000,
+      keepalive: keepaliveWord(c.tcpKeepalive),
       hosts: hosts.map((h) => [h.address, h.port, h.weight, h.slot]),
       labels: hosts.map((h) => h.label),
     };
   }
 
-  reserveTcp(clusterName: string): { address: string; port: number; endpoint: string; timeoutMs: number; release(): void } | UpstreamError | undefined {
+  reserveTcp(clusterName: string): { address: string; port: number; endpoint: string; timeoutMs: number; keepalive: TcpKeepalive | undefined; release(): void } | UpstreamError | undefined {
     const s = this.#clusters.get(clusterName);
     if (this.#closed || s === undefined) return new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' });
     if (s.cluster.tls !== undefined) return undefined;
@@ -939,7 +945,7 @@ export class ClusterManager {
     s.addActive(1);
     let held = true;
     return {
-      address: h.address, port: h.port, endpoint: h.label, timeoutMs: s.cluster.connectTimeoutMs,
+      address: h.address, port: h.port, endpoint: h.label, timeoutMs: s.cluster.connectTimeoutMs, keepalive: s.cluster.tcpKeepalive,
       release: () => {
         if (!held) return;
         held = false;
@@ -957,6 +963,8 @@ export interface FastClusterTarget {
   /** -1: no limit. */
   maxConnections: number;
   connectTimeoutMs: number;
+  /** The cluster's TCP keep-alive (keepaliveWord). */
+  keepalive: number;
   /** [address, port, weight, slot] per endpoint, in the balancer's order. */
   hosts: [string, number, number, number][];
   /** Each endpoint's "ip:port", for the access log. */

@@ -82,3 +82,51 @@ test('DestinationRule connectionPool.tcp.idleTimeout sets the TCP idle timeout o
   assert.deepEqual(idleOf(withIdle('90s')), { 'db.local': 90_000, 'web.local': undefined });
   assert.deepEqual(idleOf(withIdle('0s')), { 'db.local': 0, 'web.local': undefined });
 });
+
+test('DestinationRule connectionPool.tcp.tcpKeepalive: whole seconds and probes for its host only; none by default; a subset replaces it', () => {
+  const withKa = (v: string) => CONFIG + DR.replace('connectTimeout: 250ms', `connectTimeout: 250ms, tcpKeepalive: ${v}`);
+  const kaOf = (cfg: string) => Object.fromEntries(Object.values(tr(cfg).snapshot.clusters).map((c) => [c.name, c.tcpKeepalive]));
+  const db = 'outbound|5432||db.local';
+  const web = 'outbound|8443||web.local';
+  assert.deepEqual(kaOf(CONFIG), { [db]: undefined, [web]: undefined });
+  assert.deepEqual(kaOf(withKa('{time: 30s, interval: 5s, probes: 3}')), { [db]: { timeS: 30, intervalS: 5, probes: 3 }, [web]: undefined });
+  // As Istio hands Envoy: the fraction of a second is dropped; probes 0 is unset; {} turns it on with the OS's values.
+  assert.deepEqual(kaOf(withKa('{time: 1.9s, interval: 2m, probes: 0}'))[db], { timeS: 1, intervalS: 120 });
+  assert.deepEqual(kaOf(withKa('{}'))[db], {});
+  const subset = withKa('{time: 30s}') + `  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {probes: 5}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp2}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 9001}]
+    route: [{destination: {host: db.local, subset: v1, port: {number: 5432}}}]
+`;
+  const gw2 = subset.replace('  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}', '  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}\n  - {port: {number: 9001, name: tcp2, protocol: TCP}, hosts: ["*"]}');
+  const got = kaOf(gw2);
+  assert.deepEqual([got[db], got['outbound|5432|v1|db.local']], [{ timeS: 30 }, { probes: 5 }]);
+});
+
+test('tcpKeepalive values the kernel cannot take are errors at their line, with the range', () => {
+  for (const [v, field, what] of [
+    ['{time: 500ms}', 'time', 'whole seconds from 1s to 32767s'],
+    ['{interval: 10h}', 'interval', 'whole seconds from 1s to 32767s'],
+    ['{probes: 128}', 'probes', '1 to 127'],
+  ] as const) {
+    const parsed = parseText(CONFIG + DR.replace('connectTimeout: 250ms', `connectTimeout: 250ms, tcpKeepalive: ${v}`), 'test.yaml');
+    const errs = translate(parsed.resources, {}).diagnostics.filter((d) => d.severity === 'error');
+    assert.equal(errs.length, 1, v);
+    assert.equal(errs[0]!.code, 'TG2005');
+    assert.match(errs[0]!.message, new RegExp(what.replace(/[()]/g, '\\$&')), v);
+    assert.match(String(errs[0]!.path), new RegExp(`connectionPool\\.tcp\\.tcpKeepalive\\.${field}$`), v);
+    assert.ok((errs[0]!.location?.line ?? 0) > 0, `${v}: a line`);
+    const c = Object.values(translate(parsed.resources, {}).snapshot.clusters).find((x) => x.serviceHost === 'db.local');
+    assert.equal(c?.tcpKeepalive, undefined, `${v}: not half applied`);
+  }
+});
