@@ -111,7 +111,7 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define FOLLOW_UPS 4
 /* Learned-route records wait at most this long for a call into JS that carries them: one call
  * per batch rather than per turn (counters and access-log lines are that much later). */
-#define FAST_FLUSH_MS 20
+#define FAST_FLUSH_MS 100
 /* The relay thread hands its records over once this many wait, whatever their age. */
 #define WORKER_FLUSH_RECS 1024
 
@@ -165,6 +165,9 @@ struct dir {
   /* src may have a FIN queued behind its bytes that no edge will announce again (an RDHUP event
    * came, or nothing is known yet): a short read does not prove it empty. Cleared on EAGAIN. */
   bool hup;
+  /* src's FIN has arrived (an RDHUP event without an error): nothing can follow the bytes queued
+   * before it, so a short read has taken them all and the FIN is next. */
+  bool fin;
   /* Bytes JS already read, written to dst ahead of anything spliced (connect() only). */
   uint8_t *head;
   size_t head_len, head_off;
@@ -575,7 +578,9 @@ static int copy_through(struct relay *r, struct conn *c, struct dir *d, int src_
   }
   d->in += (uint64_t)n;
   *moved += n;
-  if ((size_t)n < want && !d->hup) d->rd = false;
+  /* No read for the 0 that would follow: the EOF is taken with the last bytes. */
+  if ((size_t)n < want && d->fin) d->eof = true;
+  else if ((size_t)n < want && !d->hup) d->rd = false;
   size_t off = 0;
   if (d->wr) {
     ssize_t w = send(d->dst, r->copy, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -705,13 +710,11 @@ static void pump(struct relay *r, struct conn *c) {
   else if (more) queue_ready(r, c);
 }
 
-static void check_error(struct relay *r, struct side *s) {
+/* EPOLLERR on a TCP socket is a pending error (a reset, a timeout): nothing here uses the error
+ * queue, the other source of it. Which error does not change the reason, so it is not read. */
+static void on_error(struct relay *r, struct side *s) {
   struct conn *c = s->conn;
-  int err = 0;
-  socklen_t len = sizeof err;
-  if (getsockopt(c->fd[s->which], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
-    finish(r, c, s->which == 0 ? END_DOWN_RESET : c->connecting ? END_CONNECT_FAILED : END_UP_RESET);
-  }
+  finish(r, c, s->which == 0 ? END_DOWN_RESET : c->connecting ? END_CONNECT_FAILED : END_UP_RESET);
 }
 
 static void note_deadline(struct relay *r, int64_t due) {
@@ -737,7 +740,12 @@ static void connected(struct relay *r, struct conn *c) {
 static void connect_event(struct relay *r, struct side *s, uint32_t ev) {
   struct conn *c = s->conn;
   if (s->which == 0) {
-    if (ev & EPOLLERR) check_error(r, s);
+    if (ev & EPOLLERR) on_error(r, s);
+    return;
+  }
+  /* Writable with no error or hang-up: connected (a failed dial always brings EPOLLERR). */
+  if ((ev & EPOLLOUT) && !(ev & (EPOLLERR | EPOLLHUP))) {
+    connected(r, c);
     return;
   }
   int err = 0;
@@ -1193,6 +1201,7 @@ static void relay_events(struct relay *r, const struct epoll_event *evs, int n) 
     struct dir *from = s->which == 0 ? &c->d2u : &c->u2d;
     if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) from->rd = true;
     if (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) from->hup = true;
+    if ((e & EPOLLRDHUP) && !(e & EPOLLERR)) from->fin = true;
     /* JS is deciding on it: the flags say whether the next stage finds bytes to read. */
     if (c->awaiting) continue;
     if (c->hello_stage) {
@@ -1204,7 +1213,7 @@ static void relay_events(struct relay *r, const struct epoll_event *evs, int n) 
       continue;
     }
     if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (s->which == 0 ? &c->u2d : &c->d2u)->wr = true;
-    if (e & EPOLLERR) check_error(r, s);
+    if (e & EPOLLERR) on_error(r, s);
     pump(r, c);
   }
 }
