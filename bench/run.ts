@@ -492,6 +492,17 @@ async function main(): Promise<void> {
   const benchStart = Date.now();
   const dir = await certDir('tlsgate-bench-');
   const stops: (() => Promise<unknown>)[] = [];
+  // An interrupted run (Ctrl-C, a held run ended early) stops what it started, the backend too,
+  // instead of leaving it behind.
+  const onSignal = (): void => {
+    void (async () => {
+      for (const stop of [...stops].reverse()) await stop().catch(() => {});
+      await rm(dir, { recursive: true, force: true });
+      process.exit(130);
+    })();
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     const ec = !rsa;
     const ca = await makeCa(dir, 'bench-ca', '/O=bench/CN=bench-ca', { ec: true });

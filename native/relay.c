@@ -100,7 +100,6 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 /* Entries of the ALPN table (struct relay's alpn_tab). */
 #define ALPN_TABLE 16
 
-/* TCP keepalive on sockets the relay dials, as tlsgate's JS dialer sets it. */
 /*
  * One read moves at most this much through the relay's buffer. A short read proves the socket
  * empty (a short splice does not: the pipe may have run out of slots), so no read is spent on
@@ -1933,7 +1932,7 @@ static bool parse_address(const char *ip, int64_t port, struct sockaddr_storage 
   return false;
 }
 
-/* connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head) -> id */
+/* connect(downFd, ip, port, connectTimeoutMs, idleTimeoutMs, downEof, head, keepalive) -> id */
 static napi_value js_connect(napi_env env, napi_callback_info info) {
   struct relay *r;
   size_t argc = 8;
@@ -2278,9 +2277,10 @@ static napi_value js_close_accepted(napi_env env, napi_callback_info info) {
 }
 
 /*
- * acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix) -> id: dial and relay an
- * accepted connection; `prefix` (a PROXY header, or empty) then every byte read from the client
- * go to the upstream first. Reports as connect() does. On a throw the connection is closed.
+ * acceptedConnect(id, ip, port, connectTimeoutMs, idleTimeoutMs, prefix, keepalive) -> id: dial
+ * and relay an accepted connection; `prefix` (a PROXY header, or empty) then every byte read from
+ * the client go to the upstream first. Reports as connect() does. On a throw the connection is
+ * closed.
  */
 static napi_value js_accepted_connect(napi_env env, napi_callback_info info) {
   struct relay *r;
@@ -2399,8 +2399,8 @@ static bool element_number(napi_env env, napi_value arr, uint32_t i, double *out
   return napi_get_element(env, arr, i, &v) == napi_ok && napi_get_value_double(env, v, out) == napi_ok;
 }
 
-/* One target of a route spec: [weight, policy, clusterSlot, maxConns, connectMs, idleMs, hosts]
- * with hosts [[ip, port, weight, slot], ...]. */
+/* One target of a route spec: [weight, policy, clusterSlot, maxConns, connectMs, idleMs, hosts,
+ * keepalive] with hosts [[ip, port, weight, slot], ...] and keepalive as keepalive_valid reads it. */
 static bool parse_target(napi_env env, napi_value spec, struct fast_route *rt, uint32_t i) {
   double w, pol, slot, max, cms, ims, ka;
   napi_value hosts;

@@ -558,7 +558,7 @@ spec:
         const s = await dial(Q);
         const closed = closedWith(s, 10_000);
         s.write(helloHold);
-        // Polled closely: SIGTERM must come before the relay's next batch of records (20 ms).
+        // Polled closely: SIGTERM must come before the relay's next batch of records (up to 100 ms).
         const deadline = Date.now() + 5_000;
         while (!(holder.conns.length > n && Buffer.concat(holder.conns[n]!.bytes).length >= helloHold.length)) {
           if (Date.now() > deadline) assert.fail('the holder did not get the hello within 5 s');

@@ -507,11 +507,18 @@ export function keepaliveWord(k: TcpKeepalive | undefined): number {
  * without the addon) also sets a 1 s probe interval and 10 probes: false then.
  */
 export function setSocketKeepalive(socket: net.Socket, k: TcpKeepalive): boolean {
-  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  const fd = socketFd(socket);
   const a = load();
-  if (a?.setKeepalive && typeof fd === 'number' && fd >= 0 && a.setKeepalive(fd, keepaliveWord(k))) return true;
+  // The addon's answer stands even when an option failed: Node's would set other values still.
+  if (a?.setKeepalive && fd !== undefined) return a.setKeepalive(fd, keepaliveWord(k));
   socket.setKeepAlive(true, (k.timeS ?? 7200) * 1000);
   return false;
+}
+
+/** The descriptor under a connected Node socket (a TLS socket's too), if it has one. */
+function socketFd(socket: net.Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
 }
 
 /**
@@ -519,8 +526,8 @@ export function setSocketKeepalive(socket: net.Socket, k: TcpKeepalive): boolean
  * for tests and diagnostics; undefined without the addon or a descriptor.
  */
 export function socketKeepalive(socket: net.Socket): { on: boolean; timeS: number; intervalS: number; probes: number } | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
-  const v = typeof fd === 'number' && fd >= 0 ? load()?.keepaliveOf?.(fd) : undefined;
+  const fd = socketFd(socket);
+  const v = fd !== undefined ? load()?.keepaliveOf?.(fd) : undefined;
   return v === undefined ? undefined : { on: v[0] > 0, timeS: v[1], intervalS: v[2], probes: v[3] };
 }
 
