@@ -97,6 +97,9 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define ACCEPT_RETRY_MS 100
 /* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
 #define PIPE_POOL_MAX 64
+/* A relay with no connection keeps its pooled pipes this long: a client connecting again and
+ * again would otherwise cost two new pipes per connection. */
+#define POOL_IDLE_MS 2000
 /* Entries of the ALPN table (struct relay's alpn_tab). */
 #define ALPN_TABLE 16
 
@@ -254,6 +257,7 @@ struct relay {
   int pipes[PIPE_POOL_MAX][2];
   size_t pipe_caps[PIPE_POOL_MAX];
   int npipes;
+  int64_t pool_due; /* when an idle relay closes its pooled pipes (-1: not idle, or none) */
   /* Listeners: every one made, and the next id. */
   struct listener *listeners;
   uint32_t next_lid;
@@ -281,7 +285,8 @@ struct relay {
   struct fast_rec *recs;
   size_t nrecs, recs_cap;
   /* When the oldest undelivered record must go (-1: none waiting); `fast_now`: with this turn's
-   * reports (a listener just lost its last connection: a drain waiting on it gets its lines). */
+   * reports (a stopped listener just lost its last connection: a drain waiting on it gets its
+   * lines). */
   int64_t fast_due;
   bool fast_now;
   /*
@@ -298,6 +303,9 @@ struct relay {
    * connections it handed over, and its records, delivered with the next reports. */
   uv_async_t *wake_async;
   bool async_ref;
+  /* async_ref as the thread may read it: while set, the thread's first connection needs no
+   * wake-up of this loop to keep the process alive (see relay_ref). */
+  bool async_reffed;
   /* Records the thread made that JS has not had yet (busy(): a shutdown waits for them). */
   uint32_t undelivered;
   struct conn *inbound;
@@ -510,7 +518,8 @@ static struct fast_rec *fast_rec(struct relay *r, struct conn *c, int kind) {
 /* The end of a connection on a learned route: its slots released, its record queued. */
 static void fast_end(struct relay *r, struct conn *c, int reason) {
   struct fast_cluster *cl = &c->froute->clusters[c->fpick.target];
-  if (c->lst && load32(&c->lst->open) <= 1) r->fast_now = true;
+  /* A stopped listener's last connection: a drain waiting on it gets its lines at once. */
+  if (c->lst && c->lst->closed && load32(&c->lst->open) <= 1) r->fast_now = true;
   __atomic_sub_fetch(&r->slots[cl->slot], 1, __ATOMIC_RELAXED);
   __atomic_sub_fetch(&r->slots[cl->hosts[c->fpick.host].slot], 1, __ATOMIC_RELAXED);
   struct fast_rec *f = fast_rec(r, c, FAST_END);
@@ -1168,20 +1177,36 @@ static void scan_idle(struct relay *r, int64_t now) {
   }
   int64_t resume = resume_listeners(r, now);
   if (resume >= 0 && (next < 0 || resume < next)) next = resume;
+  if (r->pool_due >= 0) {
+    if (r->all != NULL || r->npipes == 0) {
+      r->pool_due = -1;
+    } else if (r->pool_due <= now) {
+      drain_pipe_pool(r);
+      r->pool_due = -1;
+    } else if (next < 0 || r->pool_due < next) {
+      next = r->pool_due;
+    }
+  }
   r->next_deadline = next;
 }
 
 static void deliver_results(struct relay *r);
 static void schedule(struct relay *r);
 
-/* Frees the connections ended this turn; an idle relay gives its pooled pipes back. */
+/* Frees the connections ended this turn; a relay idle for POOL_IDLE_MS gives its pooled pipes
+ * back (scan_idle), so an idle one holds no descriptors. */
 static void free_dead(struct relay *r) {
   while (r->dead) {
     struct conn *d = r->dead;
     r->dead = d->qnext;
     free(d);
   }
-  if (r->all == NULL) drain_pipe_pool(r);
+  if (r->all != NULL) {
+    r->pool_due = -1;
+  } else if (r->npipes > 0 && r->pool_due < 0) {
+    r->pool_due = now_ms() + POOL_IDLE_MS;
+    note_deadline(r, r->pool_due);
+  }
 }
 static void on_timer(uv_timer_t *t);
 
@@ -1301,8 +1326,12 @@ static void on_poll(uv_poll_t *p, int status, int events) {
  * sockets would; with none, it never holds the event loop. */
 static void relay_ref(struct relay *r) {
   if (r->main) {
-    /* The thread's count: Node's relay reads it to reference the wake-up call (on_async). */
-    if (__atomic_fetch_add(&r->active, 1, __ATOMIC_RELAXED) == 0) r->wake_main = true;
+    /* The thread's count: Node's relay reads it to reference the wake-up call (on_async), woken
+     * for it only while the call is not referenced. Sequentially consistent with on_async's
+     * store and load: one side always sees the other's write. */
+    if (__atomic_fetch_add(&r->active, 1, __ATOMIC_SEQ_CST) == 0 && !__atomic_load_n(&r->main->async_reffed, __ATOMIC_SEQ_CST)) {
+      r->wake_main = true;
+    }
     return;
   }
   if (r->active++ == 0 && r->poll) uv_ref((uv_handle_t *)r->poll);
@@ -1310,7 +1339,9 @@ static void relay_ref(struct relay *r) {
 
 static void relay_unref(struct relay *r) {
   if (r->main) {
-    if (r->active > 0 && __atomic_sub_fetch(&r->active, 1, __ATOMIC_RELAXED) == 0) r->wake_main = true;
+    /* No wake-up for the last one: the end record it leaves brings one within FAST_FLUSH_MS, and
+     * Node's relay lets go of the call then. */
+    if (r->active > 0) __atomic_sub_fetch(&r->active, 1, __ATOMIC_SEQ_CST);
     return;
   }
   if (r->active > 0 && --r->active == 0 && r->poll) uv_unref((uv_handle_t *)r->poll);
@@ -1355,9 +1386,14 @@ static size_t move_recs(struct fast_rec **to, size_t *nto, size_t *cto, struct f
 }
 
 /* The end of the thread's pass: records that are due and connections for JS go to Node's relay,
- * which is woken for them (and when the thread starts or stops relaying anything). */
+ * which is woken for them, and when the thread starts relaying while Node's relay does not hold
+ * the process for it. Having relayed its last connection, the thread wakes Node's relay with the
+ * records that connection left (at most FAST_FLUSH_MS later), or at once when there are none. */
 static void worker_publish(struct relay *r) {
-  bool flush = r->nrecs > 0 && (r->fast_now || r->active == 0 || r->nrecs >= WORKER_FLUSH_RECS || now_ms() >= r->fast_due);
+  bool flush = r->nrecs > 0 && (r->fast_now || r->nrecs >= WORKER_FLUSH_RECS || now_ms() >= r->fast_due);
+  if (r->nrecs == 0 && __atomic_load_n(&r->active, __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&r->main->async_reffed, __ATOMIC_SEQ_CST)) {
+    r->wake_main = true;
+  }
   if (!flush && !r->hpend && !r->wake_main) return;
   pthread_mutex_lock(&r->lock);
   if (flush) {
@@ -1459,8 +1495,11 @@ static void on_async(uv_async_t *a) {
   w->handoffs = w->handoffs_tail = NULL;
   size_t lost = w->nout ? move_recs(&r->xrecs, &r->nx, &r->x_cap, &w->outbox, &w->nout, &w->out_cap) : 0;
   if (lost) __atomic_sub_fetch(&r->undelivered, (uint32_t)lost, __ATOMIC_RELAXED);
-  uint32_t live = __atomic_load_n(&w->active, __ATOMIC_RELAXED);
   pthread_mutex_unlock(&w->lock);
+  /* Cleared before the count is read (relay_ref reads them the other way round). */
+  __atomic_store_n(&r->async_reffed, false, __ATOMIC_SEQ_CST);
+  uint32_t live = __atomic_load_n(&w->active, __ATOMIC_SEQ_CST);
+  if (live > 0) __atomic_store_n(&r->async_reffed, true, __ATOMIC_SEQ_CST);
   if (in) {
     struct conn *t = in;
     while (t->qnext) t = t->qnext;
@@ -1486,7 +1525,7 @@ static bool ensure_worker(napi_env env, struct relay *m) {
   if (!w || !a) goto fail;
   w->main = m;
   w->env = env;
-  w->next_deadline = w->fast_due = w->timer_due = -1;
+  w->next_deadline = w->fast_due = w->timer_due = w->pool_due = -1;
   w->slots = m->slots;
   w->nslots = m->nslots;
   w->rng = m->rng ^ 0xD1B54A32D192ED03ULL;
@@ -2814,6 +2853,7 @@ static napi_value init_module(napi_env env, napi_value exports) {
   if (!r) return exports;
   r->ep = -1;
   r->next_deadline = -1;
+  r->pool_due = -1;
   r->fast_due = -1;
   r->timer_due = -1;
   r->env = env;
