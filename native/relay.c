@@ -95,7 +95,8 @@ enum hello_status { HELLO_DATA = 0, HELLO_CLOSED, HELLO_TIMEOUT, HELLO_RESET };
 #define WORKER_ACCEPT_BATCH 1
 /* After EMFILE and the like, the listener rests this long before accepting again. */
 #define ACCEPT_RETRY_MS 100
-/* Empty pipe pairs kept for reuse while connections come and go (emptied when none is left). */
+/* Empty pipe pairs kept for reuse while connections come and go (emptied POOL_IDLE_MS after none
+ * is left). */
 #define PIPE_POOL_MAX 64
 /* A relay with no connection keeps its pooled pipes this long: a client connecting again and
  * again would otherwise cost two new pipes per connection. */
