@@ -1,5 +1,6 @@
 // Upstreams written in Node for integration tests: an HTTP(S)/h2 echo server in the spirit of
-// httpbin, a TCP echo and a server-first (banner) TCP server. All bind 127.0.0.1 on port 0.
+// httpbin, a TCP echo, a server-first (banner) TCP server and a TCP server that holds every
+// connection open. All bind 127.0.0.1 on port 0.
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -296,4 +297,20 @@ async function startTcp(opts: TcpServerOptions, onSocket: (socket: net.Socket) =
     },
     close: () => closeServer(server, sockets),
   };
+}
+
+/** A plain TCP upstream that keeps every connection open (until the client's FIN) and records what each received. */
+export interface Holder { port: number; conns: { socket: net.Socket; bytes: Buffer[] }[]; close(): void }
+
+export async function startHolder(): Promise<Holder> {
+  const conns: Holder['conns'] = [];
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    socket.on('error', () => {});
+    const c = { socket, bytes: [] as Buffer[] };
+    socket.on('data', (b: Buffer) => c.bytes.push(b));
+    socket.on('end', () => socket.end());
+    conns.push(c);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return { port: (server.address() as net.AddressInfo).port, conns, close: () => { server.close(); for (const c of conns) c.socket.destroy(); } };
 }

@@ -17,7 +17,7 @@ import { after, before, describe, it } from 'node:test';
 import { certDir, makeCa, makeLeaf, type Ca } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
-import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
+import { startHolder, startTcpEcho, type Holder, type TcpServer } from '../helpers/upstreams.js';
 import { nativeRelayAvailable, nativeRelayUnavailableReason } from '../../src/runtime/chain/native-relay.js';
 import { accessEntry, alpnExt, captureHello, dial, ext, frameHandshake, helloMsg, promMetric as metric, sniExt, tlsExchange, until, within, type Exchange } from '../helpers/tls-wire.js';
 
@@ -63,20 +63,6 @@ function closedWith(s: net.Socket, ms = 5_000): Promise<Buffer> {
   return within(done, ms, 'the gateway closing the connection');
 }
 
-/** A plain TCP upstream that keeps every connection open and records what each received. */
-async function startHolder(): Promise<{ port: number; conns: { socket: net.Socket; bytes: Buffer[] }[]; close(): void }> {
-  const conns: { socket: net.Socket; bytes: Buffer[] }[] = [];
-  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
-    socket.on('error', () => {});
-    const c = { socket, bytes: [] as Buffer[] };
-    socket.on('data', (b: Buffer) => c.bytes.push(b));
-    socket.on('end', () => socket.end());
-    conns.push(c);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { port: (server.address() as net.AddressInfo).port, conns, close: () => { server.close(); for (const c of conns) c.socket.destroy(); } };
-}
-
 function serviceEntry(name: string, host: string, ports: number[]): string {
   return `apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -118,7 +104,7 @@ describe('learned routes (native relay)', { skip: SKIP }, () => {
   let dir: string;
   let ca: Ca;
   const echo: Record<'a' | 'b' | 'r1' | 'r2', TcpServer> = {} as never;
-  let holder: Awaited<ReturnType<typeof startHolder>>;
+  let holder: Holder;
   let helloHold: Buffer;
   let helloDrip: Buffer;
   let gw: Gateway;

@@ -17,22 +17,11 @@ import { certDir, makeCa, makeLeaf } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
-import { startTcpEcho, type TcpServer } from '../helpers/upstreams.js';
+import { startHolder, startTcpEcho, type Holder, type TcpServer } from '../helpers/upstreams.js';
 import { captureHello, dial, promMetric as metric, until } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
 const osDefault = (name: string): number => Number(readFileSync(`/proc/sys/net/ipv4/tcp_keepalive_${name}`, 'utf8').trim());
-
-/** A plain TCP upstream that holds every connection open. */
-async function startHolder(): Promise<{ port: number; count(): number; close(): void }> {
-  const socks: net.Socket[] = [];
-  const server = net.createServer({ allowHalfOpen: true }, (s) => {
-    s.on('error', () => {});
-    socks.push(s);
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  return { port: (server.address() as net.AddressInfo).port, count: () => socks.length, close: () => { server.close(); for (const s of socks) s.destroy(); } };
-}
 
 /**
  * The keep-alive timers (ms left) of the established IPv4 sockets dialling `port`, one per
@@ -108,7 +97,7 @@ describe('connectionPool.tcp.tcpKeepalive', { skip: SKIP }, () => {
     let gw: Gateway;
     let P: number;
     let T: number;
-    const up: Record<'ka' | 'plain' | 'tcp', Awaited<ReturnType<typeof startHolder>>> = {} as never;
+    const up: Record<'ka' | 'plain' | 'tcp', Holder> = {} as never;
     let helloKa: Buffer;
     let helloPlain: Buffer;
 
@@ -169,11 +158,11 @@ spec:
 
     it('a timer from `time` on every dial of the clusters that ask, restarted at `interval` after a probe; no timer for the cluster that does not', { timeout: 30_000 }, async () => {
       const held: net.Socket[] = [];
-      const open = async (port: number, bytes: Buffer | undefined, to: { count(): number }, n: number) => {
+      const open = async (port: number, bytes: Buffer | undefined, to: Holder, n: number) => {
         const s = await dial(port);
         held.push(s);
         if (bytes) s.write(bytes);
-        await until(`upstream connection ${n}`, () => (to.count() >= n ? true : undefined), 5_000);
+        await until(`upstream connection ${n}`, () => (to.conns.length >= n ? true : undefined), 5_000);
         return `127.0.0.1:${s.localPort}`;
       };
       try {

@@ -7,8 +7,8 @@ import { describe, it } from 'node:test';
 import { Registry } from 'prom-client';
 import { LoopDelayMonitor } from '../../../src/admin/loop-delay.js';
 import { PromTelemetry } from '../../../src/admin/telemetry.js';
+import { sleep } from '../../helpers/ports.js';
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 /** Keeps the thread busy for `ms` without yielding to the loop. */
 const block = (ms: number): void => {
   const end = Date.now() + ms;
