@@ -309,20 +309,13 @@ export class ClusterBuilder {
 
   #applyConnectionPool(cluster: Cluster, cp: ConnectionPoolSettings | undefined, dr: DestinationRuleResource, path: string): void {
     if (!cp) return;
+    const v = this.#poolValues(cp, dr, path);
     const tcp = cp.tcp, http = cp.http;
     if (tcp) {
       if (tcp.maxConnections !== undefined) cluster.limits.maxConnections = tcp.maxConnections;
-      const ct = parseDuration(tcp.connectTimeout);
-      if (ct !== undefined) {
-        if (Number.isNaN(ct) || ct <= 0) this.ctx.error('TG2005', dr, `${path}.tcp.connectTimeout`, `invalid duration "${tcp.connectTimeout}"`, 'use e.g. 500ms, 10s');
-        else cluster.connectTimeoutMs = ct;
-      }
-      const idle = parseDuration(tcp.idleTimeout);
-      if (idle !== undefined) {
-        if (Number.isNaN(idle) || idle < 0) this.ctx.error('TG2005', dr, `${path}.tcp.idleTimeout`, `invalid duration "${tcp.idleTimeout}"`, 'use e.g. 30s, 1h; 0s disables it');
-        else cluster.limits.tcpIdleTimeoutMs = idle;
-      }
-      if (tcp.tcpKeepalive !== undefined) this.#applyKeepalive(cluster, tcp.tcpKeepalive, dr, `${path}.tcp.tcpKeepalive`);
+      if (v.connectTimeoutMs !== undefined) cluster.connectTimeoutMs = v.connectTimeoutMs;
+      if (v.tcpIdleTimeoutMs !== undefined) cluster.limits.tcpIdleTimeoutMs = v.tcpIdleTimeoutMs;
+      if (v.tcpKeepalive !== undefined) cluster.tcpKeepalive = v.tcpKeepalive;
       if (tcp.maxConnectionDuration !== undefined) {
         this.#once(dr, `${path}.tcp.maxConnectionDuration`, () => this.ctx.error('TG4001', dr, `${path}.tcp.maxConnectionDuration`, 'not supported yet: connectionPool.tcp.maxConnectionDuration'));
       }
@@ -331,11 +324,7 @@ export class ClusterBuilder {
       if (http.http1MaxPendingRequests !== undefined) cluster.limits.maxPendingRequests = http.http1MaxPendingRequests;
       if (http.http2MaxRequests !== undefined) cluster.limits.maxRequests = http.http2MaxRequests;
       if (http.maxRequestsPerConnection !== undefined && http.maxRequestsPerConnection > 0) cluster.limits.maxRequestsPerConnection = http.maxRequestsPerConnection;
-      const it = parseDuration(http.idleTimeout);
-      if (it !== undefined) {
-        if (Number.isNaN(it)) this.ctx.error('TG2005', dr, `${path}.http.idleTimeout`, `invalid duration "${http.idleTimeout}"`);
-        else cluster.limits.idleTimeoutMs = it;
-      }
+      if (v.httpIdleTimeoutMs !== undefined) cluster.limits.idleTimeoutMs = v.httpIdleTimeoutMs;
       for (const f of ['maxRetries', 'h2UpgradePolicy', 'useClientProtocol', 'maxConcurrentStreams'] as const) {
         if (http[f] !== undefined) this.#once(dr, `${path}.http.${f}`, () => this.ctx.error('TG4001', dr, `${path}.http.${f}`, `not supported yet: connectionPool.http.${f}`));
       }
@@ -343,34 +332,53 @@ export class ClusterBuilder {
   }
 
   /**
-   * tcpKeepalive replaces what a broader level set (a subset's or port's own, as a whole). Istio
-   * hands Envoy whole seconds (the fraction is dropped); Linux takes 1-32767 s and 1-127 probes,
-   * so values outside are errors here rather than a socket option failing on every connection.
+   * The connection pool's durations and keep-alive, checked: a bad value is reported (TG2005, once
+   * per field of a rule however many clusters use it) and left out.
    */
-  #applyKeepalive(cluster: Cluster, ka: NonNullable<NonNullable<ConnectionPoolSettings['tcp']>['tcpKeepalive']>, dr: DestinationRuleResource, path: string): void {
-    const out: NonNullable<Cluster['tcpKeepalive']> = {};
-    let ok = true;
-    for (const [field, key] of [['time', 'timeS'], ['interval', 'intervalS']] as const) {
-      const raw = ka[field];
-      const ms = parseDuration(raw);
-      if (ms === undefined) continue;
-      const s = Math.floor(ms / 1000);
-      if (Number.isNaN(ms) || s < 1 || s > 32767) {
-        ok = false;
-        this.ctx.error('TG2005', dr, `${path}.${field}`, `invalid keep-alive ${field} "${raw}": the kernel takes whole seconds from 1s to 32767s`, 'use e.g. 30s, 5m');
-      } else {
-        out[key] = s;
+  #poolValues(cp: ConnectionPoolSettings, dr: DestinationRuleResource, path: string): PoolValues {
+    const out: PoolValues = {};
+    const bad = (field: string, message: string, hint?: string) =>
+      this.#once(dr, `${path}.${field}#value`, () => this.ctx.error('TG2005', dr, `${path}.${field}`, message, hint));
+    const { tcp, http } = cp;
+    if (tcp) {
+      const ct = parseDuration(tcp.connectTimeout);
+      if (ct !== undefined) {
+        if (Number.isNaN(ct) || ct <= 0) bad('tcp.connectTimeout', `invalid duration "${tcp.connectTimeout}"`, 'use e.g. 500ms, 10s');
+        else out.connectTimeoutMs = ct;
+      }
+      const idle = parseDuration(tcp.idleTimeout);
+      if (idle !== undefined) {
+        if (Number.isNaN(idle) || idle < 0) bad('tcp.idleTimeout', `invalid duration "${tcp.idleTimeout}"`, 'use e.g. 30s, 1h; 0s disables it');
+        else out.tcpIdleTimeoutMs = idle;
+      }
+      if (tcp.tcpKeepalive !== undefined) out.tcpKeepalive = keepaliveValues(tcp.tcpKeepalive, (field, message, hint) => bad(`tcp.tcpKeepalive.${field}`, message, hint));
+    }
+    const it = parseDuration(http?.idleTimeout);
+    if (it !== undefined) {
+      if (Number.isNaN(it)) bad('http.idleTimeout', `invalid duration "${http!.idleTimeout}"`);
+      else out.httpIdleTimeoutMs = it;
+    }
+    return out;
+  }
+
+  /**
+   * Checks the values of every DestinationRule at every level (top, port, subset, subset port),
+   * whether or not a route uses it: Istio rejects such a rule when it is applied, not when
+   * traffic first needs it. What routes use was checked as their clusters were built; each bad
+   * value is reported once either way.
+   */
+  checkDestinationRules(): void {
+    for (const dr of this.ctx.resources.destinationRules) {
+      const levels: [string, { connectionPool?: ConnectionPoolSettings; portLevelSettings?: { connectionPool?: ConnectionPoolSettings }[] } | undefined][] =
+        [['spec.trafficPolicy', dr.spec.trafficPolicy]];
+      (dr.spec.subsets ?? []).forEach((s, i) => levels.push([`spec.subsets[${i}].trafficPolicy`, s.trafficPolicy]));
+      for (const [path, policy] of [...levels]) {
+        policy?.portLevelSettings?.forEach((p, i) => levels.push([`${path}.portLevelSettings[${i}]`, p]));
+      }
+      for (const [path, policy] of levels) {
+        if (policy?.connectionPool) this.#poolValues(policy.connectionPool, dr, `${path}.connectionPool`);
       }
     }
-    if (ka.probes !== undefined && ka.probes > 0) {
-      if (ka.probes > 127) {
-        ok = false;
-        this.ctx.error('TG2005', dr, `${path}.probes`, `invalid keep-alive probes ${ka.probes}: the kernel takes 1 to 127`, 'use e.g. 3, 9');
-      } else {
-        out.probes = ka.probes;
-      }
-    }
-    if (ok) cluster.tcpKeepalive = out;
   }
 
   /** Upstream TLS from ClientTlsSettings. undefined = plaintext; null = invalid (reported). */
@@ -444,6 +452,47 @@ export class ClusterBuilder {
 }
 
 /** Per-setting precedence over the four policy layers for one port. */
+/** A connection pool's checked durations (ms) and keep-alive. */
+interface PoolValues {
+  connectTimeoutMs?: number;
+  tcpIdleTimeoutMs?: number;
+  tcpKeepalive?: NonNullable<Cluster['tcpKeepalive']>;
+  httpIdleTimeoutMs?: number;
+}
+
+/**
+ * tcpKeepalive replaces what a broader level set (a subset's or port's own, as a whole). Istio
+ * hands Envoy whole seconds (the fraction is dropped); Linux takes 1-32767 s and 1-127 probes, so
+ * values outside are errors here rather than a socket option failing on every connection.
+ * undefined when a value is bad (nothing half applied).
+ */
+function keepaliveValues(ka: NonNullable<NonNullable<ConnectionPoolSettings['tcp']>['tcpKeepalive']>,
+  bad: (field: string, message: string, hint: string) => void): PoolValues['tcpKeepalive'] {
+  const out: NonNullable<PoolValues['tcpKeepalive']> = {};
+  let ok = true;
+  for (const [field, key] of [['time', 'timeS'], ['interval', 'intervalS']] as const) {
+    const raw = ka[field];
+    const ms = parseDuration(raw);
+    if (ms === undefined) continue;
+    const s = Math.floor(ms / 1000);
+    if (Number.isNaN(ms) || s < 1 || s > 32767) {
+      ok = false;
+      bad(field, `invalid keep-alive ${field} "${raw}": the kernel takes whole seconds from 1s to 32767s`, 'use e.g. 30s, 5m');
+    } else {
+      out[key] = s;
+    }
+  }
+  if (ka.probes !== undefined && ka.probes > 0) {
+    if (ka.probes > 127) {
+      ok = false;
+      bad('probes', `invalid keep-alive probes ${ka.probes}: the kernel takes 1 to 127`, 'use e.g. 3, 9');
+    } else {
+      out.probes = ka.probes;
+    }
+  }
+  return ok ? out : undefined;
+}
+
 function policyLayers(top: TrafficPolicy | undefined, subset: TrafficPolicy | undefined, subsetIndex: number, port: number) {
   const topPort = top?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;
   const subPort = subset?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;

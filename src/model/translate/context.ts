@@ -102,18 +102,24 @@ function statusKeyOf(s: ResourceStatus): string {
   return `${s.resource.kind}/${s.resource.namespace}/${s.resource.name}`;
 }
 
-/** Parses an Istio/protobuf duration ("1.5s", "100ms", "1h", "2m", "10us") into milliseconds. */
+const DURATION_PART = /(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)/gy;
+const UNIT_MS: Record<string, number> = { h: 3_600_000, m: 60_000, s: 1000, ms: 1, us: 1e-3, 'µs': 1e-3, ns: 1e-6 };
+
+/**
+ * Parses a duration as Istio's CRDs take it (Go's form, which the schema's pattern checks): one
+ * or more number-unit parts, "1.5s", "100ms", "1h", "1m30s", "10us", into milliseconds. NaN for
+ * anything else.
+ */
 export function parseDuration(v: string | undefined): number | undefined {
   if (v === undefined) return undefined;
-  const m = /^(\d+(?:\.\d+)?)(h|m|s|ms|us|µs|ns)$/.exec(v.trim());
-  if (!m) return NaN;
-  const n = Number(m[1]);
-  switch (m[2]) {
-    case 'h': return n * 3_600_000;
-    case 'm': return n * 60_000;
-    case 's': return n * 1000;
-    case 'ms': return n;
-    case 'us': case 'µs': return n / 1000;
-    default: return n / 1e6;
+  const s = v.trim();
+  if (s === '') return NaN;
+  let ms = 0;
+  DURATION_PART.lastIndex = 0;
+  let at = 0;
+  for (let m = DURATION_PART.exec(s); m !== null; m = DURATION_PART.exec(s)) {
+    ms += Number(m[1]) * UNIT_MS[m[2]!]!;
+    at = DURATION_PART.lastIndex;
   }
+  return at === s.length ? ms : NaN;
 }

@@ -34,6 +34,7 @@ export function translate(resources: ResourceSet, options: Partial<TranslateOpti
   for (const pa of resources.peerAuthentications) {
     if (!opts.sidecar) ctx.info('TG4001', pa, 'spec', 'PeerAuthentication applies to sidecars; a gateway does not use it (as in Istio)');
   }
+  clusters.checkDestinationRules();
   for (const de of resources.destinationRules) ctx.touch(de);
   for (const se of resources.serviceEntries) ctx.touch(se);
   const snapshot: Snapshot = {

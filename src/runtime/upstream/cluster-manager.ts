@@ -30,7 +30,8 @@ import type { buildConnector } from 'undici';
 import type { Cluster, Endpoint } from '../../model/snapshot.js';
 import type { Reason } from '../telemetry.js';
 import { subjectAltNames } from '../chain/xfcc.js';
-import { keepaliveWord, setSocketKeepalive, type TcpKeepalive } from '../chain/native-relay.js';
+import type { TcpReservation } from '../chain/tcp-proxy.js';
+import { keepaliveWord, setSocketKeepalive } from '../chain/native-relay.js';
 import { DnsCache, DnsError } from './dns.js';
 import { H1Pool } from './h1-pool.js';
 import type { Connector, PoolHandler, PoolRequest, UpstreamPool } from './pool.js';
@@ -928,7 +929,7 @@ export class ClusterManager {
     };
   }
 
-  reserveTcp(clusterName: string): { address: string; port: number; endpoint: string; timeoutMs: number; keepalive: TcpKeepalive | undefined; release(): void } | UpstreamError | undefined {
+  reserveTcp(clusterName: string): TcpReservation | UpstreamError | undefined {
     const s = this.#clusters.get(clusterName);
     if (this.#closed || s === undefined) return new UpstreamError('no_healthy_upstream', `unknown cluster ${clusterName}`, { cluster: clusterName, code: 'UNKNOWN_CLUSTER' });
     if (s.cluster.tls !== undefined) return undefined;

@@ -130,3 +130,75 @@ test('tcpKeepalive values the kernel cannot take are errors at their line, with 
     assert.equal(c?.tcpKeepalive, undefined, `${v}: not half applied`);
   }
 });
+
+test('durations take Go\'s form with several parts, as the schema does: 1m30s, 1h30m, 1.5s', () => {
+  const withPool = (v: string) => CONFIG + DR.replace('connectTimeout: 250ms', v);
+  const db = (cfg: string) => Object.values(tr(cfg).snapshot.clusters).find((c) => c.serviceHost === 'db.local')!;
+  assert.equal(db(withPool('connectTimeout: 1m30s')).connectTimeoutMs, 90_000);
+  assert.equal(db(withPool('connectTimeout: 1.5s')).connectTimeoutMs, 1_500);
+  assert.equal(db(withPool('idleTimeout: 1h30m')).limits.tcpIdleTimeoutMs, 5_400_000);
+  assert.equal(db(withPool('connectTimeout: 1s500ms')).connectTimeoutMs, 1_500);
+  assert.deepEqual(db(withPool('tcpKeepalive: {time: 2m30s}')).tcpKeepalive, { timeS: 150 });
+});
+
+test('a DestinationRule no route uses still gets its values checked, each bad value once at its line', () => {
+  const unused = `---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: unused}
+spec:
+  host: nothing.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 0s}
+    portLevelSettings:
+    - port: {number: 80}
+      connectionPool: {tcp: {tcpKeepalive: {probes: 200}}}
+  subsets:
+  - name: v1
+    trafficPolicy:
+      connectionPool: {tcp: {tcpKeepalive: {time: 500ms}, connectTimeout: 0ms}}
+`;
+  const parsed = parseText(CONFIG + unused, 'test.yaml');
+  const errs = [...parsed.diagnostics, ...translate(parsed.resources, {}).diagnostics].filter((d) => d.severity === 'error');
+  assert.deepEqual(errs.map((d) => [d.code, d.path]).sort(), [
+    ['TG2005', 'spec.subsets[0].trafficPolicy.connectionPool.tcp.connectTimeout'],
+    ['TG2005', 'spec.subsets[0].trafficPolicy.connectionPool.tcp.tcpKeepalive.time'],
+    ['TG2005', 'spec.trafficPolicy.connectionPool.tcp.connectTimeout'],
+    ['TG2005', 'spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.tcpKeepalive.probes'],
+  ]);
+  for (const e of errs) assert.ok((e.location?.line ?? 0) > 0, `${e.path}: a line`);
+});
+
+test('a bad value of a rule two clusters use is reported once', () => {
+  const twoSubsets = CONFIG.replace('  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}',
+    '  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}\n  - {port: {number: 9001, name: tcp2, protocol: TCP}, hosts: ["*"]}') + `---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp2}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 9001}]
+    route: [{destination: {host: db.local, subset: v1, port: {number: 5432}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db}
+spec:
+  host: db.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 250ms, tcpKeepalive: {interval: 100000s}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+`;
+  const parsed = parseText(twoSubsets, 'test.yaml');
+  const r = translate(parsed.resources, {});
+  const errs = r.diagnostics.filter((d) => d.severity === 'error');
+  assert.deepEqual(errs.map((d) => d.path), ['spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.interval']);
+  // Both clusters took the rule's good values and none of the bad keep-alive.
+  const dbs = Object.values(r.snapshot.clusters).filter((c) => c.serviceHost === 'db.local');
+  assert.deepEqual(dbs.map((c) => [c.connectTimeoutMs, c.tcpKeepalive]), [[250, undefined], [250, undefined]]);
+});
