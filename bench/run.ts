@@ -6,8 +6,9 @@
 // time the proxy spent per operation (from /proc) and the ratio to nginx. Results go to
 // bench/results/<date>[-quick].md. Not a test: nothing here gates on a number.
 //
-//   npm run bench                          3 rounds, 5 s per figure
+//   npm run bench                          5 rounds, 5 s per figure
 //   npm run bench -- --quick               1 round, 2 s per figure (under 3 minutes)
+//   npm run bench -- --rounds 7            more rounds (medians steadier; the default is 5)
 //   npm run bench -- --rsa                 RSA-2048 server certificates instead of ECDSA P-256
 //   npm run bench -- --workers 2           tlsgate --workers 2 / nginx worker_processes 2 / haproxy nbthread 2
 //   npm run bench -- --only term-h1,orig   a subset of scenarios (names in SCENARIOS below)
@@ -42,7 +43,9 @@ const PROFILE_DIR = argValue('--profile');
 // Quick mode opens fewer idle connections: on a loaded 2-core box 2,000 TLS handshakes per proxy
 // take most of the 3-minute budget.
 const IDLE_CONNS = Number(argValue('--idle') ?? (quick ? '1000' : '2000'));
-const ROUNDS = Number(argValue('--rounds') ?? (quick ? 1 : 3));
+// Five rounds: one round's ratio swings by ±10-15% on these shared machines; a median of five
+// holds still better than one of three.
+const ROUNDS = Number(argValue('--rounds') ?? (quick ? 1 : 5));
 const SECONDS = Number(argValue('--seconds') ?? (quick ? 2 : 5));
 /** Concurrent connections of the load generators. */
 const CONCURRENCY = 16;
@@ -191,56 +194,48 @@ async function handshakes(port: number, seconds: number, opts: { reuse?: boolean
   return { value: n / elapsed, ops: n };
 }
 
-/** New TLS connections per second through a passthrough: handshake + one small request + close. */
+/**
+ * h2load speaking HTTP/1.1 through a passthrough: `--connect-to` dials the proxy while the URL's
+ * host goes out as the SNI, so a C client can load the tunnel (wrk and s_time cannot send this
+ * SNI). Returns requests/s over CONCURRENCY connections and the successful requests.
+ */
+async function h2loadH1(port: number, args: string[], timeoutS: number): Promise<{ rps: number; ok: number; seconds: number }> {
+  const res = await run('h2load', ['--h1', '-t1', `-c${CONCURRENCY}`, `--connect-to=127.0.0.1:${port}`, ...args, `https://${HOST}/small`], { timeoutMs: timeoutS * 1000 });
+  const fin = /finished in ([\d.]+)(m?s), ([\d.]+) req\/s/.exec(res.stdout);
+  const ok = /requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded/.exec(res.stdout);
+  const proto = /Application protocol: (\S+)/.exec(res.stdout);
+  if (res.code !== 0 || !fin || !ok || Number(ok[2]) === 0) throw new Error(`h2load --h1 through ${port} failed: ${res.stdout}${res.stderr}`);
+  if (proto?.[1] !== 'http/1.1') throw new Error(`h2load through ${port} negotiated ${proto?.[1]}, not http/1.1`);
+  if (Number(ok[2]) < Number(ok[1])) throw new Error(`h2load through ${port}: ${Number(ok[1]) - Number(ok[2])} of ${ok[1]} requests failed`);
+  const seconds = Number(fin[1]) / (fin[2] === 'ms' ? 1000 : 1);
+  return { rps: Number(fin[3]), ok: Number(ok[2]), seconds };
+}
+
+/** Connections per h2load batch in the new-connection figure: about 1-2 s each here. */
+const NEW_CONN_BATCH = 2000;
+
+/**
+ * New TLS connections per second through a passthrough: handshake, one small request, close.
+ * `Connection: close` makes h2load dial again for every request. Its `-D` mode does not stop once
+ * the server closes every connection (it spins until killed, nghttp2 1.52), so the figure runs
+ * `-n` batches until the time is up and divides all connections by h2load's own times.
+ */
 async function newConnections(port: number, seconds: number): Promise<{ value: number; ops: number }> {
   const deadline = Date.now() + seconds * 1000;
   let done = 0;
-  const one = (): Promise<void> => new Promise((resolve) => {
-    const s = tls.connect({ host: '127.0.0.1', port, servername: HOST, rejectUnauthorized: false });
-    let got = '';
-    const t = setTimeout(() => s.destroy(), 5_000);
-    s.on('error', () => {});
-    s.on('secureConnect', () => s.write(`GET /small HTTP/1.1\r\nHost: ${HOST}\r\nConnection: close\r\n\r\n`));
-    s.on('data', (c: Buffer) => { got += c.toString('latin1'); });
-    s.on('close', () => {
-      clearTimeout(t);
-      if (got.startsWith('HTTP/1.1 200')) done++;
-      resolve();
-    });
-  });
-  const loop = async (): Promise<void> => { while (Date.now() < deadline) await one(); };
-  const start = Date.now();
-  await Promise.all(Array.from({ length: CONCURRENCY }, loop));
-  return { value: done / ((Date.now() - start) / 1000), ops: done };
+  let spent = 0;
+  do {
+    const r = await h2loadH1(port, ['-n', String(NEW_CONN_BATCH), '-H', 'Connection: close'], 60);
+    done += r.ok;
+    spent += r.seconds;
+  } while (Date.now() < deadline);
+  return { value: done / spent, ops: done };
 }
 
-/** Keep-alive requests per second through the passthrough tunnel (SNI needed, so a Node client). */
+/** Keep-alive requests per second through the passthrough tunnel: CONCURRENCY connections, one request at a time each. */
 async function keepAliveTls(port: number, seconds: number): Promise<{ value: number; ops: number }> {
-  const deadline = Date.now() + seconds * 1000;
-  let done = 0;
-  const conn = (): Promise<void> => new Promise((resolve) => {
-    const s = tls.connect({ host: '127.0.0.1', port, servername: HOST, rejectUnauthorized: false });
-    const req = Buffer.from(`GET /small HTTP/1.1\r\nHost: ${HOST}\r\n\r\n`);
-    let buf = '';
-    const t = setTimeout(() => s.destroy(), (seconds + 10) * 1000);
-    s.on('error', () => {});
-    s.on('secureConnect', () => s.write(req));
-    s.on('data', (c: Buffer) => {
-      buf += c.toString('latin1');
-      // Each response ends with the 3-byte body "ok\n".
-      let i: number;
-      while ((i = buf.indexOf('\r\n\r\nok\n')) >= 0) {
-        buf = buf.slice(i + 7);
-        done++;
-        if (Date.now() >= deadline) { s.end(); return; }
-        s.write(req);
-      }
-    });
-    s.on('close', () => { clearTimeout(t); resolve(); });
-  });
-  const start = Date.now();
-  await Promise.all(Array.from({ length: CONCURRENCY }, conn));
-  return { value: done / ((Date.now() - start) / 1000), ops: done };
+  const r = await h2loadH1(port, ['-D', String(seconds)], seconds + 30);
+  return { value: r.rps, ops: r.ok };
 }
 
 /** Downloads per bulk figure: one 64 MiB download takes about 0.13 s here, too short to read alone. */
@@ -710,8 +705,8 @@ async function main(): Promise<void> {
       `Workers: tlsgate \`--workers ${WORKERS}\`, nginx ${WORKERS === 1 ? '`master_process off` (one process)' : `\`worker_processes ${WORKERS}\``}, haproxy \`nbthread ${WORKERS}\`. Access logs off everywhere.`,
       `Certificates: ${ec ? 'ECDSA P-256' : 'RSA-2048'} server certificate, ECDSA client certificate (MUTUAL), TLS 1.3 (each side's default ciphers); one nginx backend process (plain HTTP and TLS) behind all three.`,
       `Load: wrk (\`wrk -t1 -c${CONCURRENCY} -d${SECONDS}s --latency\`, ${versions.wrk}), h2load (\`h2load -t1 -c${CONCURRENCY} -m10 -D ${SECONDS}\`, ${versions.h2load}; mean latency only),`,
-      `\`openssl s_time -new|-reuse -time ${SECONDS}\` x${HANDSHAKE_CLIENTS} in parallel (handshake + one HTTP/1.0 request), Node tls clients (passthrough needs SNI: ${CONCURRENCY} connections), curl for 64 MiB.`,
-      'Every figure: median over rounds; each round runs each scenario on every proxy in turn, the order turning by one each round (tlsgate first in round 1, nginx in round 2, haproxy in round 3). Ratio > 1 is better than nginx; "per round" is each round\'s own tlsgate / nginx.',
+      `\`openssl s_time -new|-reuse -time ${SECONDS}\` x${HANDSHAKE_CLIENTS} in parallel (handshake + one HTTP/1.0 request), h2load over HTTP/1.1 through the passthroughs (\`h2load --h1 -t1 -c${CONCURRENCY} --connect-to\`, the SNI from the URL; new connections: \`-n ${NEW_CONN_BATCH} -H 'Connection: close'\` batches), curl for 64 MiB.`,
+      'Every figure: median over rounds; each round runs each scenario on every proxy in turn, the order turning by one each round (tlsgate first in round 1, nginx in round 2, haproxy in round 3, and so on). Ratio > 1 is better than nginx; "per round" is each round\'s own tlsgate / nginx.',
       'CPU µs/op: user+system time of the proxy process(es) during the figure divided by operations (per MB for the download); lower is better. Load tools and backend share the same cores.',
       'Memory: VmRSS growth of the proxy process with the idle TLS connections open (handshake done, nothing sent), per connection.',
       '',
