@@ -362,23 +362,47 @@ export class ClusterBuilder {
   }
 
   /**
-   * Checks the values of every DestinationRule at every level (top, port, subset, subset port),
-   * whether or not a route uses it: Istio rejects such a rule when it is applied, not when
-   * traffic first needs it. What routes use was checked as their clusters were built; each bad
-   * value is reported once either way.
+   * Checks every DestinationRule at every level (top, port, subset, subset port) against the
+   * connection pool's value rules and the TLS settings' own rules, whether or not a route uses
+   * it: Istio rejects such a rule when it is applied, not when traffic first needs it. What
+   * routes use was checked as their clusters were built; each bad value is reported once.
    */
   checkDestinationRules(): void {
+    type Level = { connectionPool?: ConnectionPoolSettings; tls?: ClientTlsSettings; portLevelSettings?: Level[] };
     for (const dr of this.ctx.resources.destinationRules) {
-      const levels: [string, { connectionPool?: ConnectionPoolSettings; portLevelSettings?: { connectionPool?: ConnectionPoolSettings }[] } | undefined][] =
-        [['spec.trafficPolicy', dr.spec.trafficPolicy]];
+      const levels: [string, Level | undefined][] = [['spec.trafficPolicy', dr.spec.trafficPolicy]];
       (dr.spec.subsets ?? []).forEach((s, i) => levels.push([`spec.subsets[${i}].trafficPolicy`, s.trafficPolicy]));
       for (const [path, policy] of [...levels]) {
         policy?.portLevelSettings?.forEach((p, i) => levels.push([`${path}.portLevelSettings[${i}]`, p]));
       }
       for (const [path, policy] of levels) {
         if (policy?.connectionPool) this.#poolValues(policy.connectionPool, dr, `${path}.connectionPool`);
+        if (policy?.tls) this.#tlsSettingsOk(policy.tls, dr, `${path}.tls`);
       }
     }
+  }
+
+  /**
+   * The rules Istio's validation sets on ClientTlsSettings (SIMPLE and MUTUAL): each one broken is
+   * reported once per field of a rule (TG3021). False when any is.
+   */
+  #tlsSettingsOk(tls: ClientTlsSettings, dr: DestinationRuleResource, path: string): boolean {
+    const mode = tls.mode ?? 'DISABLE';
+    if (mode !== 'SIMPLE' && mode !== 'MUTUAL') return true;
+    let ok = true;
+    const bad = (field: string, msg: string, hint?: string) => { ok = false; this.#once(dr, `${path}.${field}`, () => this.ctx.error('TG3021', dr, `${path}.${field}`, msg, hint)); };
+    if (tls.credentialName && (tls.clientCertificate || tls.privateKey || tls.caCertificates || tls.caCrl)) {
+      bad('credentialName', 'cannot set clientCertificate, privateKey, caCertificates or caCrl together with credentialName', 'put the CA and CRL in the Secret (ca.crt / ca.crl)');
+    }
+    if (tls.insecureSkipVerify) {
+      if (mode === 'SIMPLE' && (tls.caCertificates || tls.credentialName || tls.subjectAltNames?.length)) bad('insecureSkipVerify', 'insecureSkipVerify cannot be combined with caCertificates, credentialName or subjectAltNames in SIMPLE mode');
+      if (mode === 'MUTUAL' && (tls.caCertificates || tls.subjectAltNames?.length)) bad('insecureSkipVerify', 'insecureSkipVerify cannot be combined with caCertificates or subjectAltNames in MUTUAL mode');
+    }
+    if (mode === 'MUTUAL' && !tls.credentialName) {
+      if (!tls.clientCertificate) bad('clientCertificate', 'MUTUAL needs a client certificate: set clientCertificate and privateKey, or credentialName');
+      else if (!tls.privateKey) bad('privateKey', 'MUTUAL needs privateKey with clientCertificate');
+    }
+    return ok;
   }
 
   /** Upstream TLS from ClientTlsSettings. undefined = plaintext; null = invalid (reported). */
@@ -387,31 +411,18 @@ export class ClusterBuilder {
     const mode = tls.mode ?? 'DISABLE';
     if (mode === 'DISABLE') return undefined;
     if (mode === 'ISTIO_MUTUAL') return this.istioMutual(host, carries, httpProtocol, tls.sni, tls.subjectAltNames);
-    let ok = true;
-    const bad = (field: string, msg: string, hint?: string) => { ok = false; this.#once(dr, `${path}.${field}`, () => ctx.error('TG3021', dr, `${path}.${field}`, msg, hint)); };
-    if (tls.credentialName && (tls.clientCertificate || tls.privateKey || tls.caCertificates || tls.caCrl)) {
-      bad('credentialName', 'cannot set clientCertificate, privateKey, caCertificates or caCrl together with credentialName', 'put the CA and CRL in the Secret (ca.crt / ca.crl)');
-    }
-    if (tls.insecureSkipVerify) {
-      if (mode === 'SIMPLE' && (tls.caCertificates || tls.credentialName || tls.subjectAltNames?.length)) bad('insecureSkipVerify', 'insecureSkipVerify cannot be combined with caCertificates, credentialName or subjectAltNames in SIMPLE mode');
-      if (mode === 'MUTUAL' && (tls.caCertificates || tls.subjectAltNames?.length)) bad('insecureSkipVerify', 'insecureSkipVerify cannot be combined with caCertificates or subjectAltNames in MUTUAL mode');
-    }
+    if (!this.#tlsSettingsOk(tls, dr, path)) return null;
     let validationCa: string | undefined;
     let clientCertificate: string | undefined;
     let crl: string | undefined;
-    if (tls.credentialName && ok) {
+    if (tls.credentialName) {
       const refs = resolveCredential(ctx, dr, `${path}.credentialName`, tls.credentialName, { certificate: mode === 'MUTUAL', ca: false });
       if (!refs) return null;
       clientCertificate = refs.certificate;
       validationCa = refs.ca;
       crl = refs.crl;
     }
-    if (mode === 'MUTUAL' && !tls.credentialName) {
-      if (!tls.clientCertificate) bad('clientCertificate', 'MUTUAL needs a client certificate: set clientCertificate and privateKey, or credentialName');
-      else if (!tls.privateKey) bad('privateKey', 'MUTUAL needs privateKey with clientCertificate');
-      else clientCertificate = fileSecret(ctx, dr, { cert: tls.clientCertificate, key: tls.privateKey });
-    }
-    if (!ok) return null;
+    if (mode === 'MUTUAL' && !tls.credentialName) clientCertificate = fileSecret(ctx, dr, { cert: tls.clientCertificate!, key: tls.privateKey! });
     if (tls.caCertificates) validationCa = fileSecret(ctx, dr, { ca: tls.caCertificates });
     if (tls.caCrl) crl = fileSecret(ctx, dr, { crl: tls.caCrl });
     if (!validationCa) {

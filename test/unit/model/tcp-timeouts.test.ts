@@ -48,6 +48,23 @@ spec:
       tcp: {connectTimeout: 250ms}
 `;
 
+const SERVER_9000 = '  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}';
+
+/** Config text (CONFIG first) with a second TCP server, 9001, whose route goes to db.local's subset v1. */
+function withSubsetRoute(yaml: string): string {
+  return yaml.replace(SERVER_9000, `${SERVER_9000}\n  - {port: {number: 9001, name: tcp2, protocol: TCP}, hosts: ["*"]}`) + `---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp2}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 9001}]
+    route: [{destination: {host: db.local, subset: v1, port: {number: 5432}}}]
+`;
+}
+
 function tr(yaml: string, opts: Parameters<typeof translate>[1] = {}) {
   const parsed = parseText(yaml, 'test.yaml');
   const r = translate(parsed.resources, opts);
@@ -93,23 +110,11 @@ test('DestinationRule connectionPool.tcp.tcpKeepalive: whole seconds and probes 
   // As Istio hands Envoy: the fraction of a second is dropped; probes 0 is unset; {} turns it on with the OS's values.
   assert.deepEqual(kaOf(withKa('{time: 1.9s, interval: 2m, probes: 0}'))[db], { timeS: 1, intervalS: 120 });
   assert.deepEqual(kaOf(withKa('{}'))[db], {});
-  const subset = withKa('{time: 30s}') + `  subsets:
+  const got = kaOf(withSubsetRoute(withKa('{time: 30s}') + `  subsets:
   - name: v1
     labels: {version: v1}
     trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {probes: 5}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: tcp2}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  tcp:
-  - match: [{port: 9001}]
-    route: [{destination: {host: db.local, subset: v1, port: {number: 5432}}}]
-`;
-  const gw2 = subset.replace('  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}', '  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}\n  - {port: {number: 9001, name: tcp2, protocol: TCP}, hosts: ["*"]}');
-  const got = kaOf(gw2);
+`));
   assert.deepEqual([got[db], got['outbound|5432|v1|db.local']], [{ timeS: 30 }, { probes: 5 }]);
 });
 
@@ -171,29 +176,9 @@ spec:
 });
 
 test('a bad value of a rule two clusters use is reported once', () => {
-  const twoSubsets = CONFIG.replace('  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}',
-    '  - {port: {number: 9000, name: tcp, protocol: TCP}, hosts: ["*"]}\n  - {port: {number: 9001, name: tcp2, protocol: TCP}, hosts: ["*"]}') + `---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: tcp2}
-spec:
-  hosts: ["*"]
-  gateways: [gw]
-  tcp:
-  - match: [{port: 9001}]
-    route: [{destination: {host: db.local, subset: v1, port: {number: 5432}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: db}
-spec:
-  host: db.local
-  trafficPolicy:
-    connectionPool:
-      tcp: {connectTimeout: 250ms, tcpKeepalive: {interval: 100000s}}
-  subsets:
+  const twoSubsets = withSubsetRoute(CONFIG + DR.replace('connectTimeout: 250ms', 'connectTimeout: 250ms, tcpKeepalive: {interval: 100000s}') + `  subsets:
   - {name: v1, labels: {version: v1}}
-`;
+`);
   const parsed = parseText(twoSubsets, 'test.yaml');
   const r = translate(parsed.resources, {});
   const errs = r.diagnostics.filter((d) => d.severity === 'error');

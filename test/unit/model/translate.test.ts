@@ -388,3 +388,31 @@ test('snapshots are deeply frozen', () => {
   assert.ok(Object.isFrozen(snapshot));
   assert.ok(Object.isFrozen(snapshot.listeners[0]!.filterChains[0]!.match.serverNames));
 });
+
+test('a DestinationRule no route uses gets its TLS settings checked too, each broken rule once, and loads no file', () => {
+  const r = tr(`
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: unused}
+spec:
+  host: nothing.local
+  trafficPolicy:
+    portLevelSettings:
+    - port: {number: 443}
+      tls: {mode: SIMPLE, insecureSkipVerify: true, caCertificates: /etc/ca.pem}
+  subsets:
+  - name: v1
+    trafficPolicy:
+      tls: {mode: MUTUAL, privateKey: /etc/key.pem}
+  - name: v2
+    trafficPolicy:
+      tls: {mode: SIMPLE, caCertificates: /etc/ca.pem}
+`);
+  const errs = r.diagnostics.filter((d) => d.severity === 'error');
+  assert.deepEqual(errs.map((d) => [d.code, d.path]).sort(), [
+    ['TG3021', 'spec.subsets[0].trafficPolicy.tls.clientCertificate'],
+    ['TG3021', 'spec.trafficPolicy.portLevelSettings[0].tls.insecureSkipVerify'],
+  ]);
+  for (const e of errs) assert.ok((e.location?.line ?? 0) > 0, `${e.path}: a line`);
+  assert.deepEqual(r.snapshot.secrets, {}, 'a rule no route uses loads no certificate');
+});
