@@ -207,6 +207,9 @@ async function h2loadH1(port: number, args: string[], timeoutS: number): Promise
   if (res.code !== 0 || !fin || !ok || Number(ok[2]) === 0) throw new Error(`h2load --h1 through ${port} failed: ${res.stdout}${res.stderr}`);
   if (proto?.[1] !== 'http/1.1') throw new Error(`h2load through ${port} negotiated ${proto?.[1]}, not http/1.1`);
   if (Number(ok[2]) < Number(ok[1])) throw new Error(`h2load through ${port}: ${Number(ok[1]) - Number(ok[2])} of ${ok[1]} requests failed`);
+  // h2load counts any answer as succeeded: every one must be the backend's 200.
+  const ok2xx = /status codes: (\d+) 2xx/.exec(res.stdout);
+  if (Number(ok2xx?.[1] ?? 0) < Number(ok[2])) throw new Error(`h2load through ${port}: ${ok[2]} answers, ${ok2xx?.[1] ?? 0} of them 2xx: ${res.stdout}`);
   const seconds = Number(fin[1]) / (fin[2] === 'ms' ? 1000 : 1);
   return { rps: Number(fin[3]), ok: Number(ok[2]), seconds };
 }

@@ -462,7 +462,6 @@ export class ClusterBuilder {
   }
 }
 
-/** Per-setting precedence over the four policy layers for one port. */
 /** A connection pool's checked durations (ms) and keep-alive. */
 interface PoolValues {
   connectTimeoutMs?: number;
@@ -504,6 +503,7 @@ function keepaliveValues(ka: NonNullable<NonNullable<ConnectionPoolSettings['tcp
   return ok ? out : undefined;
 }
 
+/** Per-setting precedence over the four policy layers for one port. */
 function policyLayers(top: TrafficPolicy | undefined, subset: TrafficPolicy | undefined, subsetIndex: number, port: number) {
   const topPort = top?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;
   const subPort = subset?.portLevelSettings?.findIndex((p) => p.port?.number === port) ?? -1;
