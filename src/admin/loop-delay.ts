@@ -43,8 +43,11 @@ export class LoopDelayMonitor {
     const described = { min: 'The minimum recorded', max: 'The maximum recorded', mean: 'The mean of the recorded', stddev: 'The standard deviation of the recorded',
       p50: 'The 50th percentile of the recorded', p90: 'The 90th percentile of the recorded', p99: 'The 99th percentile of the recorded' } as const;
     for (const key of Object.keys(seen) as (keyof typeof seen)[]) {
+      const name = `${prefix}nodejs_eventloop_lag_${key}_seconds`;
+      // Replaces the gauge of that name prom-client's default metrics registered, if any.
+      registry.removeSingleMetric(name);
       new Gauge({
-        name: `${prefix}nodejs_eventloop_lag_${key}_seconds`,
+        name,
         help: `${described[key]} event loop delay${key === 'min' || key === 'max' ? '' : 's'} (0 while the loop is idle).`,
         registers: [registry],
         aggregator: key === 'min' ? 'min' : key === 'max' ? 'max' : 'average',

@@ -120,7 +120,6 @@ export class PromTelemetry implements Telemetry {
     // second: its timer is parked (about 24 days) and its seven delay gauges are replaced by ones
     // whose sampler runs only while the loop is busy (loop-delay.ts), at the same 100 ms.
     client.collectDefaultMetrics({ register: this.registry, prefix: 'tlsgate_', eventLoopMonitoringPrecision: 2 ** 31 - 1 });
-    for (const k of ['min', 'max', 'mean', 'stddev', 'p50', 'p90', 'p99']) this.registry.removeSingleMetric(`tlsgate_nodejs_eventloop_lag_${k}_seconds`);
     this.loopDelay = new LoopDelayMonitor(this.registry, 'tlsgate_', { resolutionMs: 100 });
   }
 

@@ -8,6 +8,7 @@ import http2 from 'node:http2';
 import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
+import type { Cluster } from '../../src/model/snapshot.js';
 
 /** PEM text, or a path to a PEM file. */
 export type PemSource = string;
@@ -313,4 +314,14 @@ export async function startHolder(): Promise<Holder> {
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   return { port: (server.address() as net.AddressInfo).port, conns, close: () => { server.close(); for (const c of conns) c.socket.destroy(); } };
+}
+
+/** A static cluster ('up', host up.test) with one plain endpoint at `address`:`port`, for dials through a ClusterManager. */
+export function plainCluster(port: number, over: Partial<Cluster> = {}, address = '127.0.0.1'): Cluster {
+  return {
+    name: 'up', serviceHost: 'up.test', servicePort: port, discovery: 'STATIC',
+    endpoints: [{ address, port, weight: 1, labels: {} }],
+    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: 2_000, httpProtocol: 'http1', limits: {},
+    ...over,
+  };
 }

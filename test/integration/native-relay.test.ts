@@ -21,6 +21,7 @@ import { certDir, makeCa, makeLeaf, type Ca, type KeyPair } from '../helpers/cer
 import { freePorts } from '../helpers/ports.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
 import { startBlackhole } from '../helpers/blackhole.js';
+import { plainCluster } from '../helpers/upstreams.js';
 import { proxyTcp, type TcpConnector } from '../../src/runtime/chain/tcp-proxy.js';
 import { ClusterManager } from '../../src/runtime/upstream/cluster-manager.js';
 import type { Cluster } from '../../src/model/snapshot.js';
@@ -763,15 +764,6 @@ for (const relay of RELAYS) {
 }
 
 // ---------------------------------------------------------------- native connect, in process
-
-function plainCluster(port: number, over: Partial<Cluster> = {}, address = '127.0.0.1'): Cluster {
-  return {
-    name: 'up', serviceHost: 'up.test', servicePort: port, discovery: 'STATIC',
-    endpoints: [{ address, port, weight: 1, labels: {} }],
-    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: 2_000, httpProtocol: 'http1', limits: {},
-    ...over,
-  };
-}
 
 interface DialHarness extends Harness {
   cm: ClusterManager;

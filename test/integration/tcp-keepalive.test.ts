@@ -17,7 +17,7 @@ import { certDir, makeCa, makeLeaf } from '../helpers/certs.js';
 import { freePorts, sleep } from '../helpers/ports.js';
 import { localServiceEntry } from '../helpers/recording-telemetry.js';
 import { startTlsgate, type Gateway } from '../helpers/tlsgate.js';
-import { startHolder, startTcpEcho, type Holder, type TcpServer } from '../helpers/upstreams.js';
+import { plainCluster, startHolder, startTcpEcho, type Holder, type TcpServer } from '../helpers/upstreams.js';
 import { captureHello, dial, promMetric as metric, until } from '../helpers/tls-wire.js';
 
 const SKIP = nativeRelayAvailable() ? false : `native relay not built: ${nativeRelayUnavailableReason()}`;
@@ -34,15 +34,6 @@ async function keepaliveTimers(port: number): Promise<(number | null)[]> {
     const [tr, when] = f[5]!.split(':') as [string, string];
     return tr === '02' ? parseInt(when, 16) * 10 : null;
   });
-}
-
-function cluster(port: number, over: Partial<Cluster> = {}): Cluster {
-  return {
-    name: 'up', serviceHost: 'up.test', servicePort: port, discovery: 'STATIC',
-    endpoints: [{ address: '127.0.0.1', port, weight: 1, labels: {} }],
-    lbPolicy: 'ROUND_ROBIN', connectTimeoutMs: 2_000, httpProtocol: 'http1', limits: {},
-    ...over,
-  };
 }
 
 describe('connectionPool.tcp.tcpKeepalive', { skip: SKIP }, () => {
@@ -78,8 +69,8 @@ describe('connectionPool.tcp.tcpKeepalive', { skip: SKIP }, () => {
 
     it('all three values on a plain and a TLS upstream; none without the field; one value alone leaves the others at the OS default', async () => {
       const ka = { timeS: 45, intervalS: 6, probes: 4 };
-      assert.deepEqual(await dialed(cluster(plain.port, { tcpKeepalive: ka })), { on: true, ...ka });
-      const tlsCluster = cluster(tlsUp.port, {
+      assert.deepEqual(await dialed(plainCluster(plain.port, { tcpKeepalive: ka })), { on: true, ...ka });
+      const tlsCluster = plainCluster(tlsUp.port, {
         tcpKeepalive: ka,
         tls: {
           mode: 'SIMPLE', sni: 'up.test', autoSni: false, validationCa: 'ca', subjectAltNames: [], autoSanValidation: true,
@@ -87,8 +78,8 @@ describe('connectionPool.tcp.tcpKeepalive', { skip: SKIP }, () => {
         },
       });
       assert.deepEqual(await dialed(tlsCluster), { on: true, ...ka });
-      assert.equal((await dialed(cluster(plain.port)))?.on, false);
-      assert.deepEqual(await dialed(cluster(plain.port, { tcpKeepalive: { probes: 2 } })),
+      assert.equal((await dialed(plainCluster(plain.port)))?.on, false);
+      assert.deepEqual(await dialed(plainCluster(plain.port, { tcpKeepalive: { probes: 2 } })),
         { on: true, timeS: osDefault('time'), intervalS: osDefault('intvl'), probes: 2 });
     });
   });

@@ -181,7 +181,7 @@ interface TcpBytes {
 function logTcpEnd(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy, cluster: string | undefined, endpoint: string,
   bytes: TcpBytes, reason: Reason, endMs = Date.now()): void {
   logTcpEntry(telemetry, info, proxy, cluster, endpoint, bytes, reason, endMs);
-  countTcpEnd(telemetry, info.listener, bytes, reason);
+  tcpEndCounter(telemetry, info.listener)(bytes, reason);
 }
 
 /** The access-log entry of a proxied TCP connection. */
@@ -212,16 +212,23 @@ function logTcpEntry(telemetry: Telemetry, info: ConnectionInfo, proxy: TcpProxy
   });
 }
 
-/** The end-of-connection counters of a proxied TCP connection. */
-function countTcpEnd(telemetry: Telemetry, listener: string, bytes: TcpBytes, reason: Reason): void {
-  tcpEndCounter(telemetry, listener)(bytes, reason);
-}
+type TcpEndCounter = (bytes: TcpBytes, reason: Reason) => void;
+/** Per telemetry and listener: its end-of-connection counters (listener names come from config). */
+const endCounters = new WeakMap<Telemetry, Map<string, TcpEndCounter>>();
 
 /**
- * The end-of-connection counters of proxied TCP connections on `listener`, each series bound on
- * its first use and kept (a learned route keeps one: its connections count the same few series).
+ * The end-of-connection counters of proxied TCP connections on `listener`, made once per
+ * listener and kept, each series bound on its first use: every connection counts the same few.
  */
-function tcpEndCounter(telemetry: Telemetry, listener: string): (bytes: TcpBytes, reason: Reason) => void {
+function tcpEndCounter(telemetry: Telemetry, listener: string): TcpEndCounter {
+  let byListener = endCounters.get(telemetry);
+  if (byListener === undefined) endCounters.set(telemetry, (byListener = new Map()));
+  let f = byListener.get(listener);
+  if (f === undefined) byListener.set(listener, (f = newTcpEndCounter(telemetry, listener)));
+  return f;
+}
+
+function newTcpEndCounter(telemetry: Telemetry, listener: string): TcpEndCounter {
   const ends = new Map<Reason, (by?: number) => void>();
   let received: ((by?: number) => void) | undefined;
   let sent: ((by?: number) => void) | undefined;
